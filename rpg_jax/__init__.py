@@ -1,0 +1,36 @@
+"""rpg_jax: Recurrent Parameter Generators in JAX/Flax.
+
+    spec = rpg_jax.make_spec(params, ring_size=2_359_296, seed=0)
+    bank = rpg_jax.init_bank(jax.random.key(1), spec, params)
+    params = rpg_jax.generate_params(bank, spec)
+"""
+
+from rpg_jax import models
+from rpg_jax.generator import (
+    ParamCount,
+    count,
+    generate_params,
+    host_tables,
+    init_bank,
+    make_tables,
+    materialize,
+)
+from rpg_jax.index_map import INDEX_MAP_VERSION, MODES
+from rpg_jax.spec import LeafSpec, RingSpec, RPGSpec, make_spec
+
+__all__ = [
+    "INDEX_MAP_VERSION",
+    "MODES",
+    "LeafSpec",
+    "ParamCount",
+    "RPGSpec",
+    "RingSpec",
+    "count",
+    "generate_params",
+    "host_tables",
+    "init_bank",
+    "make_spec",
+    "make_tables",
+    "materialize",
+    "models",
+]

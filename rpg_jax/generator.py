@@ -1,0 +1,203 @@
+"""Pure functions from a bank (rings + free params) and a spec to a full params tree.
+
+``generate_params`` is jit-able and differentiable. Inside ``jit`` pass the tables from
+``make_tables(spec)`` as an argument of the jitted function: captured as constants they
+are baked into every executable and make compilation much slower.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rpg_jax.index_map import ring_tables
+from rpg_jax.spec import RPGSpec, flatten_params, unflatten_params
+
+Bank = dict[str, Any]  # {"rings": {name: f32[N]}, "free": nested dict of free params}
+Tables = dict[str, dict[str, jax.Array]]  # {ring: {"forward": i32[T], "inverse": i32[M, N]}}
+
+_INDEX_MASK = 0x7FFFFFFF
+
+
+@functools.lru_cache(maxsize=16)
+def host_tables(spec: RPGSpec) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """NumPy (forward, inverse) tables of every ring, derived once per process per spec."""
+    return {
+        ring.name: ring_tables(
+            tuple(leaf.size for leaf in spec.ring_leaves(ring.name)),
+            ring.size,
+            seed=spec.seed,
+            ring_name=ring.name,
+            mode=spec.mode,
+            version=spec.version,
+        )
+        for ring in spec.rings
+    }
+
+
+def make_tables(spec: RPGSpec, sharding: jax.sharding.Sharding | None = None) -> Tables:
+    """Device arrays of the index tables; pass them into jitted code as an argument."""
+    put = (lambda x: jax.device_put(x, sharding)) if sharding is not None else jnp.asarray
+    return {
+        name: {"forward": put(fwd), "inverse": put(inv)}
+        for name, (fwd, inv) in host_tables(spec).items()
+    }
+
+
+@functools.lru_cache(maxsize=16)
+def _default_tables(spec: RPGSpec) -> Tables:
+    return make_tables(spec)
+
+
+# Static layout of one ring's leaves: ((size, shape, scale, dtype), ...).
+_Layout = tuple[tuple[int, tuple[int, ...], float, str], ...]
+
+
+def _signed_gather(values: jax.Array, table: jax.Array) -> jax.Array:
+    picked = values.at[table & _INDEX_MASK].get(mode="promise_in_bounds")
+    return jnp.where(table < 0, -picked, picked)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _expand_ring(layout: _Layout, ring, forward, inverse):
+    flat = _signed_gather(ring, forward)
+    out, start = [], 0
+    for size, shape, scale, dtype in layout:
+        piece = flat[start : start + size] * jnp.asarray(scale, flat.dtype)
+        out.append(piece.reshape(shape).astype(dtype))
+        start += size
+    return tuple(out)
+
+
+def _expand_ring_fwd(layout, ring, forward, inverse):
+    return _expand_ring(layout, ring, forward, inverse), inverse
+
+
+def _expand_ring_bwd(layout, residuals, cotangents):
+    # One concatenation, one gather through the inverse map, one reshape-sum: the transpose
+    # of the forward gather without a scatter-add over the T generated weights.
+    inverse = residuals
+    pieces = [
+        g.astype(jnp.float32).reshape(-1) * jnp.float32(scale)
+        for g, (_, _, scale, _) in zip(cotangents, layout, strict=True)
+    ]
+    flat = jnp.concatenate(pieces + [jnp.zeros((1,), jnp.float32)])
+    ring_grad = _signed_gather(flat, inverse).sum(axis=0)
+    return ring_grad, None, None
+
+
+_expand_ring.defvjp(_expand_ring_fwd, _expand_ring_bwd)
+
+
+def _check_bank(bank: Bank, spec: RPGSpec) -> None:
+    if not isinstance(bank, dict) or set(bank) != {"rings", "free"}:
+        keys = sorted(bank) if isinstance(bank, dict) else type(bank).__name__
+        raise ValueError(f"bank must be a dict with keys 'rings' and 'free', got {keys}")
+    names = {r.name for r in spec.rings}
+    if set(bank["rings"]) != names:
+        raise ValueError(f"bank rings {sorted(bank['rings'])} do not match spec rings "
+                         f"{sorted(names)}")
+    for ring in spec.rings:
+        shape = tuple(np.shape(bank["rings"][ring.name]))
+        if shape != (ring.size,):
+            raise ValueError(f"ring {ring.name!r}: bank has shape {shape}, spec expects "
+                             f"({ring.size},)")
+    got = {path: tuple(np.shape(x)) for path, x in flatten_params(bank["free"])}
+    want = {leaf.path: leaf.shape for leaf in spec.free}
+    for path in sorted(set(got) | set(want)):
+        name = "/".join(path)
+        if path not in got:
+            raise ValueError(f"free parameter {name!r} is in the spec but not in the bank")
+        if path not in want:
+            raise ValueError(f"bank has free parameter {name!r} that the spec does not know")
+        if got[path] != want[path]:
+            raise ValueError(f"free parameter {name!r}: bank shape {got[path]}, spec shape "
+                             f"{want[path]}")
+
+
+def generate_params(bank: Bank, spec: RPGSpec, tables: Tables | None = None) -> dict[str, Any]:
+    """The model's full params tree: generated kernels from the rings plus the free params.
+
+    Returns exactly the structure, shapes and dtypes described by ``spec``. Pure,
+    differentiable and jit-able; inside ``jit`` pass ``tables=make_tables(spec)`` as an
+    argument.
+    """
+    _check_bank(bank, spec)
+    if tables is None:
+        tables = _default_tables(spec)
+    leaves: dict[tuple[str, ...], Any] = dict(flatten_params(bank["free"]))
+    for ring in spec.rings:
+        members = spec.ring_leaves(ring.name)
+        layout = tuple((leaf.size, leaf.shape, leaf.scale, leaf.dtype) for leaf in members)
+        t = tables[ring.name]
+        kernels = _expand_ring(layout, bank["rings"][ring.name], t["forward"], t["inverse"])
+        leaves.update({leaf.path: k for leaf, k in zip(members, kernels, strict=True)})
+    return unflatten_params([(leaf.path, leaves[leaf.path]) for leaf in spec.leaves])
+
+
+def init_bank(key: jax.Array, spec: RPGSpec, params: Any) -> Bank:
+    """A fresh bank: rings ~ Normal(0, sqrt(2 / ring_fan)), free params taken from ``params``."""
+    flat = dict(flatten_params(params))
+    for leaf in spec.leaves:
+        if leaf.path not in flat:
+            raise ValueError(f"parameter {leaf.name!r} of the spec is missing from params")
+        if tuple(np.shape(flat[leaf.path])) != leaf.shape:
+            raise ValueError(f"parameter {leaf.name!r}: params shape "
+                             f"{tuple(np.shape(flat[leaf.path]))}, spec shape {leaf.shape}")
+    rings = {
+        ring.name: spec.ring_std * jax.random.normal(jax.random.fold_in(key, i), (ring.size,))
+        for i, ring in enumerate(spec.rings)
+    }
+    free = unflatten_params([(leaf.path, flat[leaf.path]) for leaf in spec.free])
+    return {"rings": rings, "free": free}
+
+
+def materialize(bank: Bank, spec: RPGSpec) -> dict[str, Any]:
+    """Plain params as host NumPy arrays (for export or serving), computed outside jit."""
+    return jax.device_get(generate_params(bank, spec, make_tables(spec)))
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamCount:
+    """Parameter counts of an RPG model. The paper's "DoF" is ``ring_dof``."""
+
+    ring_dof: int
+    free: int
+    generated: int
+
+    @property
+    def trainable(self) -> int:
+        return self.ring_dof + self.free
+
+    @property
+    def plain(self) -> int:
+        """Trainable parameters of the same model without RPG."""
+        return self.generated + self.free
+
+    @property
+    def compression(self) -> float:
+        """Plain trainable parameters / RPG trainable parameters."""
+        return self.plain / self.trainable
+
+    def __str__(self) -> str:
+        return (
+            f"ring DoF {self.ring_dof:,} | free {self.free:,} | trainable {self.trainable:,} | "
+            f"generated {self.generated:,} | plain model {self.plain:,} | "
+            f"compression {self.compression:.2f}x"
+        )
+
+
+def count(spec: RPGSpec, bank: Bank | None = None) -> ParamCount:
+    """Ring DoF, free, trainable and generated parameter counts (checks ``bank`` if given)."""
+    if bank is not None:
+        _check_bank(bank, spec)
+    return ParamCount(
+        ring_dof=sum(r.size for r in spec.rings),
+        free=sum(leaf.size for leaf in spec.free),
+        generated=sum(r.length for r in spec.rings),
+    )
