@@ -19,7 +19,7 @@ from rpg_jax.index_map import ring_tables
 from rpg_jax.spec import RPGSpec, flatten_params, unflatten_params
 
 Bank = dict[str, Any]  # {"rings": {name: f32[N]}, "free": nested dict of free params}
-Tables = dict[str, dict[str, jax.Array]]  # {ring: {"forward": i32[T], "inverse": i32[M, N]}}
+Tables = dict[str, dict[str, jax.Array]]  # {ring: {"forward": i32[T], "inverse": i32[N, M]}}
 
 _INDEX_MASK = 0x7FFFFFFF
 
@@ -65,10 +65,10 @@ def _signed_gather(values: jax.Array, table: jax.Array) -> jax.Array:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _expand_ring(layout: _Layout, ring, forward, inverse):
-    flat = _signed_gather(ring, forward)
+    # One gather per leaf straight into its kernel (the table slice and the scale fuse in).
     out, start = [], 0
     for size, shape, scale, dtype in layout:
-        piece = flat[start : start + size] * jnp.asarray(scale, flat.dtype)
+        piece = _signed_gather(ring, forward[start : start + size]) * jnp.asarray(scale, ring.dtype)
         out.append(piece.reshape(shape).astype(dtype))
         start += size
     return tuple(out)
@@ -87,7 +87,7 @@ def _expand_ring_bwd(layout, residuals, cotangents):
         for g, (_, _, scale, _) in zip(cotangents, layout, strict=True)
     ]
     flat = jnp.concatenate(pieces + [jnp.zeros((1,), jnp.float32)])
-    ring_grad = _signed_gather(flat, inverse).sum(axis=0)
+    ring_grad = _signed_gather(flat, inverse).sum(axis=1)
     return ring_grad, None, None
 
 

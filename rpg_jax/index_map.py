@@ -20,7 +20,7 @@ Because ``pi`` is a bijection, ``rpg`` and ``perm_only`` use every ring entry
 
 Tables are ``int32`` with the sign in the top bit (a negative entry means "negate"):
 ``forward[t] = index(t) | sign_bit(t)`` (length ``T``), and the inverse table of shape
-``(M, N)`` lists, for every ring entry, the positions that read it
+``(N, M)`` lists, for every ring entry, the positions that read it
 (``position | sign_bit``; unused slots hold ``T``, which points at an appended zero).
 """
 
@@ -122,7 +122,7 @@ def ring_tables(
     mode: str = "rpg",
     version: int = INDEX_MAP_VERSION,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Forward (``int32[T]``) and inverse (``int32[M, N]``) tables of one ring.
+    """Forward (``int32[T]``) and inverse (``int32[N, M]``) tables of one ring.
 
     ``layer_sizes`` are the numbers of generated weights of the ring's layers, in order.
     """
@@ -171,7 +171,9 @@ def ring_tables(
 
     inverse = np.full(rows * n, total, np.uint32)
     inverse[slot] = np.arange(total, dtype=np.uint32) | (forward & _SIGN_BIT)
-    return forward.view(np.int32), inverse.view(np.int32).reshape(rows, n)
+    # Stored entry-major, (N, M): the backward gather then reduces over the fast axis, which
+    # XLA fuses into the gather (about 2x faster than an (M, N) table on CPU).
+    return forward.view(np.int32), np.ascontiguousarray(inverse.view(np.int32).reshape(rows, n).T)
 
 
 def decode(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

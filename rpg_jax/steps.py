@@ -1,0 +1,123 @@
+"""The train state and the pure train/eval step functions (jitted by the caller).
+
+With RPG the trainable pytree is the bank (rings + free params) and the model's params
+are generated inside the step; without RPG the trainable pytree is the params themselves.
+Both paths share every line but the params function, so benchmarks compare like with like.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from rpg_jax.generator import generate_params
+from rpg_jax.spec import RPGSpec
+
+
+class TrainState(struct.PyTreeNode):
+    """Everything that changes during training (all arrays: jit/shard/checkpoint friendly)."""
+
+    step: jax.Array
+    trainable: Any  # the bank with RPG, the params without
+    opt_state: Any
+    batch_stats: Any
+
+
+def params_fn(spec: RPGSpec | None) -> Callable[[Any, Any], Any]:
+    """Maps (trainable, tables) to the model's params: the generator, or the identity."""
+    if spec is None:
+        return lambda trainable, tables: trainable
+    return lambda trainable, tables: generate_params(trainable, spec, tables)
+
+
+def normalize(images: jax.Array, mean: Sequence[float], std: Sequence[float],
+              dtype: Any = jnp.float32) -> jax.Array:
+    """uint8 NHWC images -> (x/255 - mean) / std in ``dtype`` (done on the device)."""
+    x = images.astype(jnp.float32) / 255.0
+    x = (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+    return x.astype(dtype)
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+
+
+def make_train_step(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    spec: RPGSpec | None,
+    mean: Sequence[float],
+    std: Sequence[float],
+    learning_rate_fn: Callable[[jax.Array], jax.Array] | None = None,
+    input_dtype: Any = jnp.float32,
+):
+    """``train_step(state, batch, tables) -> (state, metrics)``; batch = uint8 images + labels."""
+    to_params = params_fn(spec)
+
+    def train_step(state: TrainState, batch: dict[str, jax.Array], tables: Any):
+        images = normalize(batch["image"], mean, std, input_dtype)
+
+        def loss_fn(trainable):
+            variables = {"params": to_params(trainable, tables), "batch_stats": state.batch_stats}
+            logits, updates = model.apply(variables, images, train=True, mutable=["batch_stats"])
+            loss = cross_entropy(logits, batch["label"]).mean()
+            return loss, (logits, updates["batch_stats"])
+
+        (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.trainable)
+        updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+        trainable = optax.apply_updates(state.trainable, updates)
+        metrics = {
+            "loss": loss,
+            "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
+        }
+        if learning_rate_fn is not None:
+            metrics["learning_rate"] = learning_rate_fn(state.step)
+        new_state = state.replace(step=state.step + 1, trainable=trainable,
+                                  opt_state=opt_state, batch_stats=batch_stats)
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(
+    model: nn.Module,
+    spec: RPGSpec | None,
+    mean: Sequence[float],
+    std: Sequence[float],
+    input_dtype: Any = jnp.float32,
+):
+    """``eval_step(state, batch, tables) -> sums`` of loss, top-1 and top-5 hits and count.
+
+    Padded examples (``batch["mask"] == 0``) are left out of every sum.
+    """
+    to_params = params_fn(spec)
+
+    def eval_step(state: TrainState, batch: dict[str, jax.Array], tables: Any):
+        images = normalize(batch["image"], mean, std, input_dtype)
+        variables = {"params": to_params(state.trainable, tables),
+                     "batch_stats": state.batch_stats}
+        logits = model.apply(variables, images, train=False).astype(jnp.float32)
+        labels = batch["label"]
+        mask = batch.get("mask", jnp.ones(labels.shape, jnp.float32))
+        top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
+        return {
+            "loss": jnp.sum(cross_entropy(logits, labels) * mask),
+            "top1": jnp.sum((jnp.argmax(logits, -1) == labels) * mask),
+            "top5": jnp.sum(jnp.any(top5 == labels[:, None], axis=-1) * mask),
+            "count": jnp.sum(mask),
+        }
+
+    return eval_step
+
+
+def init_state(trainable: Any, batch_stats: Any, tx: optax.GradientTransformation) -> TrainState:
+    """A step-0 train state."""
+    return TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable,
+                      opt_state=tx.init(trainable), batch_stats=batch_stats)
