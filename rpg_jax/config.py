@@ -1,0 +1,141 @@
+"""The training configuration: every field with its default, and validation before any work.
+
+Config files in ``configs/`` start from ``base_config()`` and change what they need;
+``train.py`` locks the config so a misspelt override is an error.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import ml_collections
+
+from rpg_jax.index_map import MODES
+from rpg_jax.spec import GROUP_PRESETS, SELECT_PRESETS
+
+OPTIMIZERS = ("sgd", "adamw")
+LR_SCHEDULES = ("constant", "cosine", "exp_epoch")
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """All fields of a training run, with the Fashion-MNIST defaults."""
+    c = ml_collections.ConfigDict()
+    c.dataset = "fashion_mnist"  # fashion_mnist | cifar10 | cifar100 | imagenet2012 | synthetic_*
+    c.data_dir = ""  # "" = the dataset's default location
+    c.synthetic_size = 0  # examples of a synthetic_* dataset (0 = its default)
+    c.worker_count = 0  # grain worker processes for the host pipeline (0 = in-process)
+    c.model = "resnet20"
+    c.width = 1.0  # channel multiplier of the model
+    c.zero_init_residual = False
+    c.batch_size = 128  # global, over all devices and hosts
+    c.eval_batch_size = 0  # 0 = batch_size
+    c.num_epochs = 10.0
+    c.num_train_steps = -1  # -1: derived from num_epochs
+    c.seed = 0
+    c.optimizer = "sgd"
+    c.momentum = 0.9
+    c.nesterov = False
+    c.learning_rate = 0.1  # peak learning rate (absolute; configs scale it with the batch)
+    c.lr_schedule = "cosine"
+    c.warmup_epochs = 0.0
+    c.lr_decay_epochs = 45.0  # exp_epoch: lr0 * 0.1 ** (epoch // 1 / lr_decay_epochs)
+    c.weight_decay = 5e-4  # coupled L2 on every trainable leaf, rings included (as reference)
+    c.half_precision = False  # bfloat16 compute, float32 params and optimizer state
+    c.log_every_steps = 50
+    c.eval_every_steps = -1  # -1: once per epoch; 0: only at the end
+    c.checkpoint_every_steps = -1  # -1: once per epoch; 0: only at the end
+    c.keep_checkpoints = 2  # most recent checkpoints kept
+    c.multihost = False  # call jax.distributed.initialize() (TPU pods, multi-node GPU)
+
+    c.rpg = ml_collections.ConfigDict()
+    c.rpg.enabled = True
+    c.rpg.ring_size = 0.1  # fraction (0, 1] of generated weights, or an absolute DoF (> 1)
+    c.rpg.groups = "global"  # global | stage | block | layer | JSON {"regex": "ring", ...}
+    c.rpg.select = "blocks"  # blocks | convs | kernels | a regex on parameter paths
+    c.rpg.mode = "rpg"  # rpg | naive | perm_only | sign_only
+    c.rpg.seed = 0
+    return c
+
+
+def ring_size(config: ml_collections.ConfigDict) -> int | float:
+    """``rpg.ring_size`` as make_spec wants it: values > 1 are an absolute DoF (an int)."""
+    value = config.rpg.ring_size
+    if isinstance(value, float) and value > 1:
+        if not value.is_integer():
+            raise ValueError(f"config.rpg.ring_size={value}: above 1 it must be a whole number "
+                             "of ring entries")
+        return int(value)
+    return value
+
+
+def groups(config: ml_collections.ConfigDict) -> str | dict[str, str]:
+    """``rpg.groups`` as make_spec wants it (a JSON object string becomes a mapping)."""
+    value = config.rpg.groups
+    if value.strip().startswith("{"):
+        try:
+            mapping = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"config.rpg.groups={value!r} is not valid JSON: {e}") from e
+        return {str(k): str(v) for k, v in mapping.items()}
+    return value
+
+
+def _fail(field: str, value: Any, expected: str) -> None:
+    raise ValueError(f"config.{field}={value!r}: expected {expected}")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Raises ValueError naming the first bad field; cheap, runs before any work starts."""
+    from rpg_jax.data import DATASET_NAMES
+    from rpg_jax.models import MODEL_NAMES
+
+    if config.dataset not in DATASET_NAMES:
+        _fail("dataset", config.dataset, f"one of {DATASET_NAMES}")
+    if config.model.lower() not in MODEL_NAMES:
+        _fail("model", config.model, f"one of {MODEL_NAMES}")
+    for field in ("batch_size",):
+        if not isinstance(config[field], int) or config[field] <= 0:
+            _fail(field, config[field], "a positive int")
+    if config.eval_batch_size < 0:
+        _fail("eval_batch_size", config.eval_batch_size, "0 (= batch_size) or a positive int")
+    if config.width <= 0:
+        _fail("width", config.width, "a positive channel multiplier")
+    if config.num_train_steps == 0 or config.num_train_steps < -1:
+        _fail("num_train_steps", config.num_train_steps, "-1 (from num_epochs) or >= 1")
+    if config.num_train_steps == -1 and not config.num_epochs > 0:
+        _fail("num_epochs", config.num_epochs, "a positive number")
+    if config.optimizer not in OPTIMIZERS:
+        _fail("optimizer", config.optimizer, f"one of {OPTIMIZERS}")
+    if config.lr_schedule not in LR_SCHEDULES:
+        _fail("lr_schedule", config.lr_schedule, f"one of {LR_SCHEDULES}")
+    if not (config.learning_rate > 0 and math.isfinite(config.learning_rate)):
+        _fail("learning_rate", config.learning_rate, "a positive finite number")
+    if config.lr_decay_epochs <= 0:
+        _fail("lr_decay_epochs", config.lr_decay_epochs, "a positive number of epochs")
+    for field in ("weight_decay", "warmup_epochs", "momentum"):
+        if config[field] < 0:
+            _fail(field, config[field], "a non-negative number")
+    for field in ("log_every_steps",):
+        if config[field] <= 0:
+            _fail(field, config[field], "a positive number of steps")
+    for field in ("eval_every_steps", "checkpoint_every_steps"):
+        if config[field] < -1:
+            _fail(field, config[field], "-1 (every epoch), 0 (only at the end) or a step count")
+    if config.keep_checkpoints < 1:
+        _fail("keep_checkpoints", config.keep_checkpoints, "at least 1")
+    if config.rpg.enabled:
+        if config.rpg.mode not in MODES:
+            _fail("rpg.mode", config.rpg.mode, f"one of {MODES}")
+        size = config.rpg.ring_size
+        if isinstance(size, bool) or not isinstance(size, int | float) or size <= 0:
+            _fail("rpg.ring_size", size, "a fraction in (0, 1] or a ring DoF > 1")
+        ring_size(config)
+        g = groups(config)
+        if isinstance(g, str) and g not in GROUP_PRESETS:
+            _fail("rpg.groups", g, f"one of {GROUP_PRESETS} or a JSON object")
+        if not isinstance(config.rpg.seed, int) or config.rpg.seed < 0:
+            _fail("rpg.seed", config.rpg.seed, "a non-negative int")
+        if not config.rpg.select:
+            _fail("rpg.select", config.rpg.select, f"one of {SELECT_PRESETS} or a regex")

@@ -1,0 +1,41 @@
+"""Host input pipelines (grain + numpy; TensorFlow-free) for RPG training and evaluation."""
+
+from rpg_jax.data.augment import (
+    crop_flip_batch,
+    inception_crop,
+    random_crop_flip,
+    random_crop_flip_batch,
+    resize_center_crop,
+)
+from rpg_jax.data.fashion_mnist import load_fashion_mnist, read_idx
+from rpg_jax.data.pipeline import (
+    DATASET_NAMES,
+    DatasetInfo,
+    EvalBatches,
+    dataset_info,
+    make_eval_batches,
+    make_train_iterator,
+    preprocess_for_eval,
+)
+from rpg_jax.data.sources import ArraySource, SyntheticSource, TfdsSource, tfds_source
+
+__all__ = [
+    "DATASET_NAMES",
+    "ArraySource",
+    "DatasetInfo",
+    "EvalBatches",
+    "SyntheticSource",
+    "TfdsSource",
+    "crop_flip_batch",
+    "dataset_info",
+    "inception_crop",
+    "load_fashion_mnist",
+    "make_eval_batches",
+    "make_train_iterator",
+    "preprocess_for_eval",
+    "random_crop_flip",
+    "random_crop_flip_batch",
+    "read_idx",
+    "resize_center_crop",
+    "tfds_source",
+]

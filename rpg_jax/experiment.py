@@ -1,0 +1,93 @@
+"""What a config describes: the model, the RPG spec, the optimizer and the initial state.
+
+Shared by the trainer and by ``load_checkpoint`` so both build exactly the same trees.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from rpg_jax import config as config_lib
+from rpg_jax import models, optim, steps
+from rpg_jax.data import DatasetInfo
+from rpg_jax.generator import init_bank
+from rpg_jax.spec import RPGSpec, make_spec
+
+
+@dataclasses.dataclass
+class Experiment:
+    """The static pieces of a run (no arrays but the initial variables)."""
+
+    config: ml_collections.ConfigDict
+    info: DatasetInfo
+    model: nn.Module
+    spec: RPGSpec | None
+    steps_per_epoch: int
+    num_steps: int
+    lr_fn: Any
+    tx: optax.GradientTransformation
+
+    @property
+    def compute_dtype(self) -> Any:
+        return jnp.bfloat16 if self.config.half_precision else jnp.float32
+
+
+def build_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
+    dtype = jnp.bfloat16 if config.half_precision else jnp.float32
+    return models.get_model(config.model, num_classes=num_classes, width=config.width,
+                            dtype=dtype, zero_init_residual=config.zero_init_residual)
+
+
+def param_shapes(model: nn.Module, info: DatasetInfo) -> Any:
+    """The model's params and batch_stats as ShapeDtypeStructs (no compute)."""
+    init = functools.partial(model.init, train=False)
+    return jax.eval_shape(init, jax.random.key(0), jnp.zeros((1, *info.image_shape)))
+
+
+def build_spec(config: ml_collections.ConfigDict, params_or_shapes: Any) -> RPGSpec | None:
+    if not config.rpg.enabled:
+        return None
+    return make_spec(params_or_shapes, config_lib.ring_size(config), seed=config.rpg.seed,
+                     groups=config_lib.groups(config), select=config.rpg.select,
+                     mode=config.rpg.mode)
+
+
+def build(config: ml_collections.ConfigDict, info: DatasetInfo) -> Experiment:
+    """Model, spec, schedule and optimizer for ``config``; cheap (no parameter init)."""
+    model = build_model(config, info.num_classes)
+    spec = build_spec(config, param_shapes(model, info)["params"])
+    steps_per_epoch = info.num_train // config.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"config.batch_size={config.batch_size} is larger than the "
+                         f"{info.num_train} training examples of {info.name!r}")
+    num_steps = (config.num_train_steps if config.num_train_steps > 0
+                 else max(1, math.ceil(config.num_epochs * steps_per_epoch)))
+    lr_fn = optim.learning_rate_fn(config, steps_per_epoch, num_steps)
+    tx = optim.make_optimizer(config, lr_fn)
+    return Experiment(config, info, model, spec, steps_per_epoch, num_steps, lr_fn, tx)
+
+
+def initial_state(exp: Experiment) -> steps.TrainState:
+    """A fresh step-0 state: Flax init for the model, then the bank for RPG."""
+    key = jax.random.key(exp.config.seed)
+    init_key, bank_key = jax.random.split(key)
+    init = jax.jit(functools.partial(exp.model.init, train=False))
+    variables = init(init_key, jnp.zeros((1, *exp.info.image_shape)))
+    trainable = variables["params"]
+    if exp.spec is not None:
+        trainable = init_bank(bank_key, exp.spec, variables["params"])
+    return steps.init_state(trainable, variables["batch_stats"], exp.tx)
+
+
+def abstract_state(exp: Experiment) -> steps.TrainState:
+    """ShapeDtypeStructs of the train state (for restoring checkpoints)."""
+    return jax.eval_shape(lambda: initial_state(exp))

@@ -1,0 +1,236 @@
+"""The training loop: ``train_and_evaluate(config, workdir)``.
+
+One ``jax.jit`` step over a 1-D ``('data',)`` mesh spanning every device of every process:
+the batch is sharded over the mesh, the state is replicated and donated. Checkpoints resume
+automatically; SIGTERM (preemption) saves and returns cleanly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from tqdm import tqdm
+
+from rpg_jax import checkpoints, data, experiment, steps
+from rpg_jax import config as config_lib
+from rpg_jax.generator import count, make_tables
+from rpg_jax.metrics import MetricWriter
+
+SUMMARY_FILE = "summary.json"
+
+
+class _PreemptionFlag:
+    """Turns SIGTERM into a flag the loop checks after each step (single-process runs)."""
+
+    def __init__(self):
+        self.raised = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: leave signals alone
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        self.raised = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _interval(value: int, steps_per_epoch: int) -> int:
+    """-1 -> once per epoch, 0 -> never (only at the end), n -> every n steps."""
+    return steps_per_epoch if value == -1 else value
+
+
+def _check_devices(config: ml_collections.ConfigDict) -> None:
+    n = jax.device_count()
+    for field in ("batch_size", "eval_batch_size"):
+        value = config[field] or config.batch_size
+        if value % n:
+            raise ValueError(f"config.{field}={value} is not divisible by the {n} devices "
+                             f"({jax.process_count()} processes); use a multiple of {n}")
+
+
+def evaluate(eval_step, state, tables, batches, to_global) -> dict[str, float]:
+    """Top-1, top-5 and loss over one full pass of the eval split."""
+    totals = None
+    for batch in batches:
+        sums = eval_step(state, to_global(batch), tables)
+        totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
+    totals = jax.device_get(totals)
+    n = max(float(totals["count"]), 1.0)
+    return {"eval_loss": float(totals["loss"]) / n, "eval_top1": float(totals["top1"]) / n,
+            "eval_top5": float(totals["top5"]) / n, "eval_count": int(totals["count"])}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Trains and evaluates the model described by ``config``; resumes from ``workdir``.
+
+    Returns the summary (also written to ``WORKDIR/summary.json``).
+    """
+    config_lib.validate(config)
+    _check_devices(config)
+    info = data.dataset_info(config.dataset, config.data_dir or None,
+                             synthetic_size=config.synthetic_size or None)
+    exp = experiment.build(config, info)
+    os.makedirs(workdir, exist_ok=True)
+
+    manager = checkpoints.make_manager(workdir, config.keep_checkpoints)
+    latest = manager.latest_step()
+    if latest is not None:
+        saved_config, saved_spec, _ = checkpoints.read_meta(manager, latest)
+        checkpoints.check_compatible(saved_config, saved_spec, config, exp.spec, latest)
+
+    mesh = jax.make_mesh((jax.device_count(),), ("data",))
+    replicated = NamedSharding(mesh, P())
+    batch_sharding = NamedSharding(mesh, P("data"))
+
+    def to_global(batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        return jax.tree.map(
+            lambda x: jax.make_array_from_process_local_data(batch_sharding, x), batch)
+
+    pid, nproc = jax.process_index(), jax.process_count()
+    data_dir = config.data_dir or None
+    synthetic_size = config.synthetic_size or None
+    train_iter = data.make_train_iterator(
+        config.dataset, global_batch_size=config.batch_size, seed=config.seed,
+        data_dir=data_dir, process_index=pid, process_count=nproc,
+        worker_count=config.worker_count, synthetic_size=synthetic_size)
+    eval_batches = data.make_eval_batches(
+        config.dataset, global_batch_size=config.eval_batch_size or config.batch_size,
+        data_dir=data_dir, process_index=pid, process_count=nproc,
+        synthetic_size=synthetic_size)
+
+    if latest is None:
+        state = jax.device_put(experiment.initial_state(exp), replicated)
+    else:
+        target = jax.tree.map(
+            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
+            experiment.abstract_state(exp))
+        state = checkpoints.restore(manager, latest, target, train_iter)
+        logging.info("Resumed from the checkpoint at step %d", latest)
+    tables = make_tables(exp.spec, replicated) if exp.spec is not None else {}
+
+    train_step = jax.jit(
+        steps.make_train_step(exp.model, exp.tx, exp.spec, info.mean, info.std, exp.lr_fn,
+                              exp.compute_dtype),
+        donate_argnums=0, out_shardings=(replicated, replicated))
+    eval_step = jax.jit(
+        steps.make_eval_step(exp.model, exp.spec, info.mean, info.std, exp.compute_dtype),
+        out_shardings=replicated)
+    batch_shape = {
+        "image": jax.ShapeDtypeStruct((config.batch_size, *info.image_shape), np.uint8,
+                                      sharding=batch_sharding),
+        "label": jax.ShapeDtypeStruct((config.batch_size,), np.int32, sharding=batch_sharding),
+    }
+    start = time.perf_counter()
+    train_step = train_step.lower(state, batch_shape, tables).compile()
+    compile_seconds = time.perf_counter() - start
+
+    writer = MetricWriter(workdir)
+    step = int(jax.device_get(state.step))
+    writer.truncate_after(step)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json(indent=1))
+    counts = count(exp.spec) if exp.spec is not None else None
+    logging.info("Model %s on %s: %s", config.model, config.dataset,
+                 counts if counts else "plain (no RPG)")
+
+    num_steps = exp.num_steps
+    log_every = config.log_every_steps
+    eval_every = _interval(config.eval_every_steps, exp.steps_per_epoch)
+    ckpt_every = _interval(config.checkpoint_every_steps, exp.steps_per_epoch)
+    bar = tqdm(total=num_steps, initial=step, unit="step", dynamic_ncols=True,
+               disable=not (jax.process_index() == 0 and sys.stderr.isatty()))
+    pending: list[dict[str, jax.Array]] = []
+    first_step, train_seconds = step, 0.0
+    window_start, window_steps, paused = time.perf_counter(), 0, 0.0
+    last_eval: dict[str, float] = {}
+
+    with _PreemptionFlag() as flag:
+        while step < num_steps:
+            state, metrics = train_step(state, to_global(next(train_iter)), tables)
+            step += 1
+            window_steps += 1
+            pending.append(metrics)
+            bar.update(1)
+            if step % log_every == 0 or step == num_steps:
+                means = {k: float(np.mean([m[k] for m in jax.device_get(pending)]))
+                         for k in pending[0]}
+                elapsed = time.perf_counter() - window_start - paused
+                train_seconds += elapsed
+                rate = window_steps * config.batch_size / elapsed
+                writer.write(step, epoch=step / exp.steps_per_epoch, train_loss=means["loss"],
+                             train_accuracy=means["accuracy"],
+                             learning_rate=means["learning_rate"], images_per_sec=rate)
+                bar.set_postfix(loss=f"{means['loss']:.3f}", acc=f"{means['accuracy']:.3f}")
+                if bar.disable:
+                    logging.info("step %d/%d loss %.4f acc %.4f lr %.4g %.0f img/s", step,
+                                 num_steps, means["loss"], means["accuracy"],
+                                 means["learning_rate"], rate)
+                pending = []
+                window_start, window_steps, paused = time.perf_counter(), 0, 0.0
+            interrupted = flag.raised or (nproc > 1 and manager.reached_preemption(step))
+            if step == num_steps or interrupted:
+                break
+            pause_start = time.perf_counter()
+            if eval_every and step % eval_every == 0:
+                last_eval = evaluate(eval_step, state, tables, eval_batches, to_global)
+                writer.write(step, epoch=step / exp.steps_per_epoch, **last_eval)
+            if ckpt_every and step % ckpt_every == 0:
+                checkpoints.save(manager, step, state, train_iter, exp)
+            paused += time.perf_counter() - pause_start
+    preempted = step < num_steps
+    bar.close()
+
+    if preempted:
+        logging.warning("Preempted at step %d: saving a checkpoint and exiting", step)
+    else:
+        last_eval = evaluate(eval_step, state, tables, eval_batches, to_global)
+        writer.write(step, epoch=step / exp.steps_per_epoch, **last_eval)
+    if manager.latest_step() != step:
+        checkpoints.save(manager, step, state, train_iter, exp)
+    manager.wait_until_finished()
+    manager.close()
+
+    summary = {
+        "step": step,
+        "num_steps": num_steps,
+        "epochs": step / exp.steps_per_epoch,
+        "preempted": preempted,
+        "compile_seconds": compile_seconds,
+        "train_seconds": train_seconds,
+        "images_per_sec": ((step - first_step) * config.batch_size / train_seconds
+                           if train_seconds else None),
+        **last_eval,
+        "params": {
+            "ring_dof": counts.ring_dof if counts else 0,
+            "trainable": counts.trainable if counts else _size(state.trainable),
+            "generated": counts.generated if counts else 0,
+            "plain_model": counts.plain if counts else _size(state.trainable),
+        },
+    }
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, SUMMARY_FILE), "w") as f:
+            json.dump(summary, f, indent=1)
+    return summary
+
+
+def _size(tree: Any) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
