@@ -77,8 +77,12 @@ def build(config: ml_collections.ConfigDict, info: DatasetInfo) -> Experiment:
 
 
 def initial_state(exp: Experiment) -> steps.TrainState:
-    """A fresh step-0 state: Flax init for the model, then the bank for RPG."""
-    key = jax.random.key(exp.config.seed)
+    """A fresh step-0 state: Flax init for the model, then the bank for RPG.
+
+    Uses the "rbg" PRNG: its init compiles about 3x faster than threefry's on CPU (8 s -> 3 s
+    for ResNet-20); the values depend on the backend, and checkpoints store them anyway.
+    """
+    key = jax.random.key(exp.config.seed, impl="rbg")
     init_key, bank_key = jax.random.split(key)
     init = jax.jit(functools.partial(exp.model.init, train=False))
     variables = init(init_key, jnp.zeros((1, *exp.info.image_shape)))
