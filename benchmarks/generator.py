@@ -13,9 +13,6 @@ Prints JSON:
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import time
 
@@ -23,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from _util import emit, machine  # benchmarks/_util.py (the script directory is on sys.path)
 
 import rpg_jax
 from rpg_jax import steps
@@ -126,19 +124,11 @@ def main() -> None:
     parser.add_argument("--ring_size", type=int, default=2_359_296)
     parser.add_argument("--out", default=None, help="also write the JSON to this file")
     args = parser.parse_args()
-    result = {
-        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-                    "backend": jax.default_backend(), "devices": jax.device_count(),
-                    "jax": jax.__version__},
+    emit({
+        "machine": machine(),
         "generator": bench_generator(args.repeats),
         "train_step": bench_train_step(args.pairs, args.batch_size, args.ring_size),
-    }
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    }, args.out)
 
 
 if __name__ == "__main__":
