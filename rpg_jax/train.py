@@ -78,6 +78,12 @@ def evaluate(eval_step, state, tables, batches, to_global) -> dict[str, float]:
             "eval_top5": float(totals["top5"]) / n, "eval_count": int(totals["count"])}
 
 
+def _log_eval(step: int, metrics: dict[str, float]) -> None:
+    logging.info("eval at step %d: top-1 %.4f top-5 %.4f loss %.4f (%d examples)", step,
+                 metrics["eval_top1"], metrics["eval_top5"], metrics["eval_loss"],
+                 metrics["eval_count"])
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains and evaluates the model described by ``config``; resumes from ``workdir``.
 
@@ -193,6 +199,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             if eval_every and step % eval_every == 0:
                 last_eval = evaluate(eval_step, state, tables, eval_batches, to_global)
                 writer.write(step, epoch=step / exp.steps_per_epoch, **last_eval)
+                _log_eval(step, last_eval)
             if ckpt_every and step % ckpt_every == 0:
                 checkpoints.save(manager, step, state, train_iter, exp)
             paused += time.perf_counter() - pause_start
@@ -204,6 +211,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     else:
         last_eval = evaluate(eval_step, state, tables, eval_batches, to_global)
         writer.write(step, epoch=step / exp.steps_per_epoch, **last_eval)
+        _log_eval(step, last_eval)
     if manager.latest_step() != step:
         checkpoints.save(manager, step, state, train_iter, exp)
     manager.wait_until_finished()
