@@ -31,6 +31,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.zero_init_residual = False
     c.batch_size = 128  # global, over all devices and hosts
     c.eval_batch_size = 0  # 0 = batch_size
+    c.eval_steps = -1  # eval batches per evaluation; -1 = the whole eval split
     c.num_epochs = 10.0
     c.num_train_steps = -1  # -1: derived from num_epochs
     c.seed = 0
@@ -100,6 +101,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
             _fail(field, config[field], "a positive int")
     if config.eval_batch_size < 0:
         _fail("eval_batch_size", config.eval_batch_size, "0 (= batch_size) or a positive int")
+    if config.eval_steps == 0 or config.eval_steps < -1:
+        _fail("eval_steps", config.eval_steps, "-1 (the whole eval split) or >= 1")
     if config.width <= 0:
         _fail("width", config.width, "a positive channel multiplier")
     if config.num_train_steps == 0 or config.num_train_steps < -1:

@@ -7,6 +7,7 @@ automatically; SIGTERM (preemption) saves and returns cleanly.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -66,10 +67,11 @@ def _check_devices(config: ml_collections.ConfigDict) -> None:
                              f"({jax.process_count()} processes); use a multiple of {n}")
 
 
-def evaluate(eval_step, state, tables, batches, to_global) -> dict[str, float]:
-    """Top-1, top-5 and loss over one full pass of the eval split."""
+def evaluate(eval_step, state, tables, batches, to_global,
+             max_batches: int = -1) -> dict[str, float]:
+    """Top-1, top-5 and loss over one pass of the eval split (or its first batches)."""
     totals = None
-    for batch in batches:
+    for batch in itertools.islice(batches, None if max_batches < 0 else max_batches):
         sums = eval_step(state, to_global(batch), tables)
         totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
     totals = jax.device_get(totals)
@@ -197,7 +199,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 break
             pause_start = time.perf_counter()
             if eval_every and step % eval_every == 0:
-                last_eval = evaluate(eval_step, state, tables, eval_batches, to_global)
+                last_eval = evaluate(eval_step, state, tables, eval_batches, to_global,
+                                     config.eval_steps)
                 writer.write(step, epoch=step / exp.steps_per_epoch, **last_eval)
                 _log_eval(step, last_eval)
             if ckpt_every and step % ckpt_every == 0:
@@ -209,7 +212,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if preempted:
         logging.warning("Preempted at step %d: saving a checkpoint and exiting", step)
     else:
-        last_eval = evaluate(eval_step, state, tables, eval_batches, to_global)
+        last_eval = evaluate(eval_step, state, tables, eval_batches, to_global,
+                             config.eval_steps)
         writer.write(step, epoch=step / exp.steps_per_epoch, **last_eval)
         _log_eval(step, last_eval)
     if manager.latest_step() != step:
