@@ -20,9 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from _util import emit, machine  # benchmarks/_util.py (the script directory is on sys.path)
 
 import rpg_jax
+from _util import emit, machine  # benchmarks/_util.py (the script directory is on sys.path)
 from rpg_jax import steps
 
 

@@ -17,9 +17,9 @@ import time
 import jax
 import jax.numpy as jnp
 import optax
-from _util import emit, machine  # benchmarks/_util.py (the script directory is on sys.path)
 
 import rpg_jax
+from _util import emit, machine  # benchmarks/_util.py (the script directory is on sys.path)
 from rpg_jax import data, steps
 
 CASES = {
