@@ -80,6 +80,7 @@ def bench_train_step(pairs: int, batch_size: int, ring_size: int) -> dict:
         state = jax.tree.map(jnp.copy, steps.init_state(trainable, variables["batch_stats"], tx))
         tables = rpg_jax.make_tables(spec) if rpg else {}
         jitted = jax.jit(step, donate_argnums=0)
+        jax.clear_caches()
         start = time.perf_counter()
         compiled = jitted.lower(state, batch, tables).compile()
         return {"fn": compiled, "state": state, "tables": tables,
