@@ -18,12 +18,10 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-import optax
 
 import rpg_jax
 from _util import emit, machine  # benchmarks/_util.py (the script directory is on sys.path)
-from rpg_jax import steps
+from train_step import paired_step_benchmark
 
 
 def _timed(fn, *args) -> float:
@@ -60,63 +58,6 @@ def bench_generator(repeats: int) -> dict:
     }
 
 
-def bench_train_step(pairs: int, batch_size: int, ring_size: int) -> dict:
-    model = rpg_jax.models.CifarResNet18(num_classes=10)
-    rng = np.random.default_rng(0)
-    batch = {
-        "image": jnp.asarray(rng.integers(0, 256, (batch_size, 32, 32, 3), dtype=np.uint8)),
-        "label": jnp.asarray(rng.integers(0, 10, (batch_size,), dtype=np.int32)),
-    }
-    variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
-    tx = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.1, momentum=0.9))
-    spec = rpg_jax.make_spec(variables["params"], ring_size=ring_size)
-    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
-
-    def build(rpg: bool):
-        step = steps.make_train_step(model, tx, spec if rpg else None, mean, std)
-        trainable = (rpg_jax.init_bank(jax.random.key(1), spec, variables["params"])
-                     if rpg else variables["params"])
-        # Private copies: the step donates its state, and both runs start from `variables`.
-        state = jax.tree.map(jnp.copy, steps.init_state(trainable, variables["batch_stats"], tx))
-        tables = rpg_jax.make_tables(spec) if rpg else {}
-        jitted = jax.jit(step, donate_argnums=0)
-        jax.clear_caches()
-        start = time.perf_counter()
-        compiled = jitted.lower(state, batch, tables).compile()
-        return {"fn": compiled, "state": state, "tables": tables,
-                "compile_s": time.perf_counter() - start}
-
-    runs = {"plain": build(False), "rpg": build(True)}
-
-    def one(name: str) -> float:
-        r = runs[name]
-        start = time.perf_counter()
-        r["state"], metrics = r["fn"](r["state"], batch, r["tables"])
-        jax.block_until_ready((r["state"], metrics))
-        return time.perf_counter() - start
-
-    for _ in range(2):  # warm-up
-        one("plain"), one("rpg")
-    times = {"plain": [], "rpg": []}
-    for i in range(pairs):
-        order = ("plain", "rpg") if i % 2 == 0 else ("rpg", "plain")
-        for name in order:
-            times[name].append(one(name))
-    ratios = [r / p for r, p in zip(times["rpg"], times["plain"], strict=True)]
-    return {
-        "model": "CifarResNet18 (32x32), 10 classes",
-        "batch_size": batch_size,
-        "ring_size": ring_size,
-        "pairs": pairs,
-        "plain_step_ms": 1e3 * statistics.median(times["plain"]),
-        "rpg_step_ms": 1e3 * statistics.median(times["rpg"]),
-        "ratio_rpg_over_plain": statistics.median(ratios),
-        "ratios": ratios,
-        "compile_s": {k: v["compile_s"] for k, v in runs.items()},
-        "trainable": {"plain": rpg_jax.count(spec).plain, "rpg": rpg_jax.count(spec).trainable},
-    }
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=7)
@@ -128,7 +69,8 @@ def main() -> None:
     emit({
         "machine": machine(),
         "generator": bench_generator(args.repeats),
-        "train_step": bench_train_step(args.pairs, args.batch_size, args.ring_size),
+        "train_step": paired_step_benchmark("cifar_resnet18", args.batch_size, 32,
+                                            args.ring_size, pairs=args.pairs),
     }, args.out)
 
 

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# RPG vs plain on one NVIDIA GPU: ImageNet ResNet18 and ResNet50 at 224x224, bfloat16
+# compute, batch 256, ring 2,359,296: images/s (paired, median of 10 pairs), compile time and
+# the compiled step's memory. Writes benchmarks/results/gpu.json (or $OUT/gpu.json).
+# Takes about 5 minutes on an H100/H200-class GPU. Target: RPG/plain throughput >= 0.98.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+py=${PYTHON:-python3}
+if ! $py -c "import jax, flax, optax; assert jax.default_backend() == 'gpu'" 2>/dev/null; then
+  echo "Installing JAX with CUDA..."
+  $py -m pip install -q "jax[cuda12]>=0.10.2" "flax>=0.12.8" "optax>=0.2.8"
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # rpg_jax without installing it
+export XLA_PYTHON_CLIENT_PREALLOCATE=false  # report what each step needs, not a preallocation
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+out_dir=${OUT:-benchmarks/results}
+mkdir -p "$out_dir"
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+for model in resnet18 resnet50; do
+  $py benchmarks/train_step.py --model "$model" --image_size 224 --batch_size 256 \
+    --half_precision --ring_size 2359296 --pairs 10 --out "$tmp/$model.json"
+done
+$py - "$tmp" "$out_dir/gpu.json" <<'PY'
+import json, pathlib, sys
+tmp = pathlib.Path(sys.argv[1])
+merged = {p.stem: json.loads(p.read_text()) for p in sorted(tmp.glob("*.json"))}
+pathlib.Path(sys.argv[2]).write_text(json.dumps(merged, indent=1) + "\n")
+for name, r in merged.items():
+    s = r["train_step"]
+    print(f"{name}: RPG/plain step time {s['ratio_rpg_over_plain']:.3f}, images/s "
+          f"{s['images_per_sec']}, memory MB {[v.get('total_mb') for v in s['memory'].values()]}")
+PY
