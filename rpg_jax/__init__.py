@@ -16,7 +16,7 @@ from rpg_jax.generator import (
     materialize,
 )
 from rpg_jax.index_map import INDEX_MAP_VERSION, MODES
-from rpg_jax.spec import LeafSpec, RingSpec, RPGSpec, make_spec
+from rpg_jax.spec import LeafSpec, RingSpec, RPGSpec, make_spec, spec_from_tables
 
 __all__ = [
     "INDEX_MAP_VERSION",
@@ -33,4 +33,5 @@ __all__ = [
     "make_tables",
     "materialize",
     "models",
+    "spec_from_tables",
 ]

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rpg_jax.index_map import ring_tables
+from rpg_jax.index_map import inverse_table, ring_tables
 from rpg_jax.spec import RPGSpec, flatten_params, unflatten_params
 
 Bank = dict[str, Any]  # {"rings": {name: f32[N]}, "free": nested dict of free params}
@@ -27,6 +27,10 @@ _INDEX_MASK = 0x7FFFFFFF
 @functools.lru_cache(maxsize=16)
 def host_tables(spec: RPGSpec) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """NumPy (forward, inverse) tables of every ring, derived once per process per spec."""
+    if spec.mode == "explicit":
+        return {ring.name: (spec.explicit_forward(ring.name),
+                            inverse_table(spec.explicit_forward(ring.name), ring.size))
+                for ring in spec.rings}
     return {
         ring.name: ring_tables(
             tuple(leaf.size for leaf in spec.ring_leaves(ring.name)),

@@ -144,20 +144,11 @@ def ring_tables(
     signed = mode in ("rpg", "sign_only")
 
     forward = np.empty(total, np.uint32)
-    slot = np.empty(total, np.int64)  # rank * N + index: where t lands in the inverse table
     if permute is None:
         starts = np.cumsum((0,) + tuple(layer_sizes))[:-1]
-        within = np.arange(total, dtype=np.int64) - np.repeat(starts, layer_sizes)
-        index = within % n
-        # Rank of t among the positions that read the same entry, in position order.
-        order = np.argsort(index, kind="stable")
-        counts = np.bincount(index, minlength=n)
-        first = np.concatenate(([0], np.cumsum(counts)[:-1]))
-        rank = np.empty(total, np.int64)
-        rank[order] = np.arange(total) - first[index[order]]
-        forward[:] = index
-        slot[:] = rank * n + index
-        rows = int(counts.max())
+        forward[:] = (np.arange(total, dtype=np.int64) - np.repeat(starts, layer_sizes)) % n
+    else:
+        slot = np.empty(total, np.int64)  # pi(t): where t lands in the inverse table
     for lo in range(0, total, _CHUNK):
         t = np.arange(lo, min(lo + _CHUNK, total), dtype=np.uint32)
         if permute is not None:
@@ -166,14 +157,45 @@ def ring_tables(
             slot[lo : lo + t.size] = v
         if signed:
             forward[lo : lo + t.size] |= _sign_bits(t, _derive_key(key, 2))
-    if permute is not None:
-        rows = -(-total // n)
+    if permute is None:
+        return forward.view(np.int32), inverse_table(forward.view(np.int32), n)
+    # pi is a bijection, so entry e is read at positions pi^-1(e + k*N), k = 0, 1, ...
+    return forward.view(np.int32), _pack_inverse(forward, slot, n, -(-total // n))
 
+
+def _pack_inverse(forward: np.ndarray, slot: np.ndarray, n: int, rows: int) -> np.ndarray:
+    """Inverse table from each position's slot ``rank * N + index`` (rank < rows)."""
+    total = forward.size
     inverse = np.full(rows * n, total, np.uint32)
-    inverse[slot] = np.arange(total, dtype=np.uint32) | (forward & _SIGN_BIT)
+    inverse[slot] = np.arange(total, dtype=np.uint32) | (forward.view(np.uint32) & _SIGN_BIT)
     # Stored entry-major, (N, M): the backward gather then reduces over the fast axis, which
     # XLA fuses into the gather (about 2x faster than an (M, N) table on CPU).
-    return forward.view(np.int32), np.ascontiguousarray(inverse.view(np.int32).reshape(rows, n).T)
+    return np.ascontiguousarray(inverse.view(np.int32).reshape(rows, n).T)
+
+
+def inverse_table(forward: np.ndarray, ring_size: int) -> np.ndarray:
+    """The inverse (``int32[N, M]``) of any encoded forward table (uneven use is padded)."""
+    forward = np.asarray(forward, np.int32)
+    index, _ = decode(forward)
+    if forward.size == 0 or index.max() >= ring_size:
+        raise ValueError(f"a forward table addresses entry {index.max()} of a ring of "
+                         f"{ring_size}")
+    # Rank of each position among the positions that read the same entry, in position order.
+    order = np.argsort(index, kind="stable")
+    counts = np.bincount(index, minlength=ring_size)
+    first = np.concatenate(([0], np.cumsum(counts)[:-1]))
+    rank = np.empty(forward.size, np.int64)
+    rank[order] = np.arange(forward.size) - first[index[order]]
+    return _pack_inverse(forward, rank * ring_size + index, ring_size, int(counts.max()))
+
+
+def encode(index: np.ndarray, sign: np.ndarray) -> np.ndarray:
+    """An encoded ``int32`` table from indices and +1/-1 signs (sign in the top bit)."""
+    index = np.asarray(index, np.int64)
+    if index.size and (index.min() < 0 or index.max() >= 1 << 31):
+        raise ValueError("indices must be in [0, 2**31)")
+    table = index.astype(np.uint32) | np.where(np.asarray(sign) < 0, _SIGN_BIT, np.uint32(0))
+    return table.view(np.int32)
 
 
 def decode(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

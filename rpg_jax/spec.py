@@ -8,6 +8,7 @@ derived from it (see ``rpg_jax.index_map``), so a checkpoint needs only the spec
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 import math
@@ -18,7 +19,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from rpg_jax.index_map import INDEX_MAP_VERSION, MODES
+from rpg_jax.index_map import INDEX_MAP_VERSION, MODES, decode
 
 Path = tuple[str, ...]
 REFERENCE_FAN = 4608  # 512 * 3 * 3: the reference ring std is sqrt(2 / 4608)
@@ -62,9 +63,10 @@ class RPGSpec:
     leaves: tuple[LeafSpec, ...]
     rings: tuple[RingSpec, ...]
     seed: int = 0
-    mode: str = "rpg"
+    mode: str = "rpg"  # one of MODES, or "explicit" (tables given, see spec_from_tables)
     ring_fan: int = REFERENCE_FAN
     version: int = INDEX_MAP_VERSION
+    explicit: tuple[tuple[str, bytes], ...] = ()  # mode "explicit": (ring, int32 LE forward)
 
     @property
     def generated(self) -> tuple[LeafSpec, ...]:
@@ -82,6 +84,10 @@ class RPGSpec:
     def ring_leaves(self, ring: str) -> tuple[LeafSpec, ...]:
         return tuple(leaf for leaf in self.leaves if leaf.ring == ring)
 
+    def explicit_forward(self, ring: str) -> np.ndarray:
+        """The given forward table of ``ring`` (mode "explicit" only)."""
+        return np.frombuffer(dict(self.explicit)[ring], "<i4").astype(np.int32)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "version": self.version,
@@ -89,6 +95,7 @@ class RPGSpec:
             "mode": self.mode,
             "ring_fan": self.ring_fan,
             "rings": [dataclasses.asdict(r) for r in self.rings],
+            "explicit": {r: base64.b64encode(b).decode("ascii") for r, b in self.explicit},
             "leaves": [
                 {**dataclasses.asdict(leaf), "path": list(leaf.path), "shape": list(leaf.shape)}
                 for leaf in self.leaves
@@ -118,7 +125,9 @@ class RPGSpec:
             for leaf in d["leaves"]
         )
         rings = tuple(RingSpec(r["name"], int(r["size"]), int(r["length"])) for r in d["rings"])
-        return cls(leaves, rings, int(d["seed"]), str(d["mode"]), int(d["ring_fan"]), version)
+        explicit = tuple((r, base64.b64decode(b)) for r, b in d.get("explicit", {}).items())
+        return cls(leaves, rings, int(d["seed"]), str(d["mode"]), int(d["ring_fan"]), version,
+                   explicit)
 
     @classmethod
     def from_json(cls, text: str) -> RPGSpec:
@@ -281,7 +290,8 @@ def make_spec(
         carries c_i = sqrt(ring_fan / fan_out_i).
     """
     if mode not in MODES:
-        raise ValueError(f"mode={mode!r}: expected one of {MODES}")
+        hint = " (for given tables use spec_from_tables)" if mode == "explicit" else ""
+        raise ValueError(f"mode={mode!r}: expected one of {MODES}{hint}")
     if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
         raise ValueError(f"seed={seed!r}: expected a non-negative int")
     if isinstance(groups, str) and groups not in GROUP_PRESETS:
@@ -324,3 +334,48 @@ def make_spec(
         offsets[ring] += math.prod(shape)
     rings = tuple(RingSpec(r, sizes[r], lengths[r]) for r in lengths)
     return RPGSpec(tuple(leaves), rings, int(seed), mode, int(ring_fan))
+
+
+def spec_from_tables(
+    params_or_shapes: Any,
+    ring_size: int,
+    leaf_tables: Mapping[str, np.ndarray],
+    *,
+    ring_fan: int = REFERENCE_FAN,
+) -> RPGSpec:
+    """A spec with one ring ("ring") read through given tables (e.g. imported ones).
+
+    ``leaf_tables`` maps "/"-joined parameter paths to encoded ``int32`` forward tables
+    (``rpg_jax.index_map.encode(index, sign)``) in the leaf's own row-major order; the leaves
+    it names are generated, all others are free. Indices and signs are kept in the spec.
+    """
+    pairs = flatten_params(params_or_shapes)
+    known = {"/".join(p) for p, _ in pairs}
+    unknown = sorted(set(leaf_tables) - known)
+    if unknown:
+        raise ValueError(f"tables given for parameters the model does not have: {unknown}")
+    leaves, pieces, offset = [], [], 0
+    for path, leaf in pairs:
+        name = "/".join(path)
+        shape = tuple(int(s) for s in np.shape(leaf))
+        dtype = str(np.dtype(leaf.dtype))
+        if name not in leaf_tables:
+            leaves.append(LeafSpec(path, shape, dtype))
+            continue
+        table = np.asarray(leaf_tables[name])
+        if table.dtype != np.int32 or table.shape != (math.prod(shape),):
+            raise ValueError(f"table of {name!r}: expected int32[{math.prod(shape)}] for shape "
+                             f"{shape}, got {table.dtype}{list(table.shape)}")
+        index, _ = decode(table)
+        if index.max() >= ring_size:
+            raise ValueError(f"table of {name!r} addresses ring entry {int(index.max())}, but "
+                             f"the ring has {ring_size} entries")
+        scale = math.sqrt(ring_fan / fan_out(shape))
+        leaves.append(LeafSpec(path, shape, dtype, "ring", offset, scale))
+        pieces.append(table)
+        offset += table.size
+    if not pieces:
+        raise ValueError("leaf_tables is empty")
+    forward = np.concatenate(pieces).astype("<i4").tobytes()
+    return RPGSpec(tuple(leaves), (RingSpec("ring", int(ring_size), offset),), 0, "explicit",
+                   int(ring_fan), INDEX_MAP_VERSION, (("ring", forward),))

@@ -356,3 +356,36 @@ def test_tables_even_sampling_and_inverse(sizes, fraction, seed, mode):
     column = np.broadcast_to(np.arange(n)[:, None], inverse.shape)[real]
     np.testing.assert_array_equal(index[pos[real]], column)
     np.testing.assert_array_equal(sign[pos[real]], inv_sign[real])
+
+
+# ------------------------------------------------------------------------ explicit tables
+
+
+def test_spec_from_tables_reproduces_a_derived_spec():
+    params = toy_params()
+    derived = rpg_jax.make_spec(params, 300, mode="sign_only", seed=5)
+    forward, _ = rpg_jax.host_tables(derived)["ring"]
+    tables = {leaf.name: forward[leaf.offset : leaf.offset + leaf.size]
+              for leaf in derived.generated}
+    explicit = rpg_jax.spec_from_tables(params, 300, tables)
+    assert explicit.mode == "explicit" and rpg_jax.count(explicit) == rpg_jax.count(derived)
+    assert rpg_jax.RPGSpec.from_json(explicit.to_json()) == explicit
+    bank = rpg_jax.init_bank(jax.random.key(0), derived, params)
+    for x, y in zip(jax.tree.leaves(rpg_jax.materialize(bank, explicit)),
+                    jax.tree.leaves(rpg_jax.materialize(bank, derived)), strict=True):
+        np.testing.assert_array_equal(x, y)
+    g1 = jax.grad(lambda b: weighted_loss(rpg_jax.generate_params(b, explicit)))(bank)
+    g2 = jax.grad(lambda b: weighted_loss(reference_params(b, derived)))(bank)
+    for x, y in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6 * float(jnp.max(jnp.abs(y))))
+
+
+def test_spec_from_tables_errors_name_the_parameter():
+    params = toy_params()
+    good = np.zeros(576, np.int32)
+    with pytest.raises(ValueError, match="layer1_0/conv2/kernel"):
+        rpg_jax.spec_from_tables(params, 10, {"layer1_0/conv2/kernel": good})
+    with pytest.raises(ValueError, match="addresses ring entry 10"):
+        rpg_jax.spec_from_tables(params, 10, {"layer1_0/conv1/kernel": good + 10})
+    with pytest.raises(ValueError, match="no/such"):
+        rpg_jax.spec_from_tables(params, 10, {"no/such": good})
