@@ -1,0 +1,243 @@
+"""Import of the authors' PyTorch RPG ResNet checkpoints (see ``load_reference_checkpoint``).
+
+The reference checkpoint is a PyTorch state_dict (``<name>.pth.tar``, key ``state_dict``,
+keys possibly prefixed ``module.``) holding the ring ``mem.w`` and every free parameter,
+plus two pickled NumPy object arrays ``<name>p_idxs.npy`` / ``<name>b_masks.npy`` with the
+index and +1/-1 mask vector of each generated block conv, in registration order (per block:
+the projection's 1x1 conv, then ``conv1``, then ``conv2``). Index vectors address the kernel
+flattened in PyTorch OIHW order; they are re-ordered to the Flax HWIO layout here and kept,
+encoded, in an "explicit" spec (``rpg_jax.spec.spec_from_tables``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rpg_jax import config as config_lib
+from rpg_jax import data
+from rpg_jax.checkpoints import Checkpoint
+from rpg_jax.index_map import encode
+from rpg_jax.models import get_model
+from rpg_jax.spec import REFERENCE_FAN, flatten_params, spec_from_tables, unflatten_params
+
+Path = tuple[str, ...]
+
+#: Architectures of the reference RPG checkpoints this importer reads.
+REFERENCE_ARCHS: tuple[str, ...] = ("resnet18", "resnet34")
+
+_RING_KEY = "mem.w"
+_IGNORED_SUFFIXES = (".num_batches_tracked",)
+_BLOCK = re.compile(r"layer(\d+)_(\d+)")
+_SUBMODULE = {"downsample_conv": "downsample.0", "downsample_bn": "downsample.1"}
+_LEAF = {
+    ("params", "kernel"): "weight",
+    ("params", "scale"): "weight",
+    ("params", "bias"): "bias",
+    ("batch_stats", "mean"): "running_mean",
+    ("batch_stats", "var"): "running_var",
+}
+
+
+def _torch_module(path: Path) -> str:
+    """The PyTorch module name of a Flax module path, e.g. layer2_0/downsample_conv."""
+    match = _BLOCK.fullmatch(path[0])
+    if match is None:
+        return ".".join(path)
+    return ".".join((f"layer{match[1]}.{match[2]}",
+                     *(_SUBMODULE.get(p, p) for p in path[1:])))
+
+
+def _torch_key(collection: str, path: Path) -> str:
+    """The state_dict key of a Flax variable (``collection`` "params" or "batch_stats")."""
+    return f"{_torch_module(path[:-1])}.{_LEAF[(collection, path[-1])]}"
+
+
+def _is_generated(path: Path, shape: tuple[int, ...]) -> bool:
+    """Block conv kernels are generated (the reference choice); all else is free."""
+    return path[-1] == "kernel" and len(shape) == 4 and _BLOCK.fullmatch(path[0]) is not None
+
+
+def _registration_order(param_shapes: Any) -> list[tuple[Path, tuple[int, ...]]]:
+    """The generated convs in the reference registration order, with their HWIO shapes."""
+    shapes = {path: tuple(int(s) for s in leaf.shape)
+              for path, leaf in flatten_params(param_shapes)}
+    blocks = sorted({path[0] for path, shape in shapes.items() if _is_generated(path, shape)},
+                    key=lambda name: tuple(int(g) for g in _BLOCK.fullmatch(name).groups()))
+    order = []
+    for block in blocks:
+        for conv in ("downsample_conv", "conv1", "conv2"):
+            path = (block, conv, "kernel")
+            if path in shapes:
+                order.append((path, shapes[path]))
+    unordered = {p for p, s in shapes.items() if _is_generated(p, s)} - {p for p, _ in order}
+    if unordered:  # e.g. a conv3 of a bottleneck: not part of the reference format
+        raise ValueError(f"no reference registration order for {sorted(unordered)}")
+    return order
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    """A NumPy array from a torch tensor, NumPy array or sequence."""
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def _entries(array: Any) -> list[Any]:
+    """The per-conv entries of a loaded object array (or a list, or a 2-D numeric array)."""
+    if isinstance(array, np.ndarray) and array.ndim == 0:
+        array = array.item()
+    return list(array)
+
+
+def _table(name: str, pos: int, index: Any, mask: Any, shape: tuple[int, ...],
+           ring_size: int, count_note: str) -> np.ndarray:
+    """Checks one conv's index/mask vectors and returns its encoded table in HWIO order."""
+    kh, kw, cin, cout = shape
+    where = f"{name} (p_idxs[{pos}])"
+    want = cout * cin * kh * kw
+    index, mask = _to_numpy(index).ravel(), _to_numpy(mask).ravel()
+    for what, vec in (("index", index), ("mask", mask)):
+        if vec.size != want:
+            raise ValueError(f"{where}: expected {want} {what} entries (O x I x kh x kw = "
+                             f"{cout}x{cin}x{kh}x{kw}), got {vec.size}{count_note}")
+    if not np.issubdtype(index.dtype, np.integer):
+        if not (np.issubdtype(index.dtype, np.floating) and np.all(index == np.round(index))):
+            raise ValueError(f"{where}: expected integer ring indices, got dtype {index.dtype}")
+    index = index.astype(np.int64)
+    if index.min() < 0 or index.max() >= ring_size:
+        bad = int(index.min()) if index.min() < 0 else int(index.max())
+        raise ValueError(f"{where}: index {bad} is outside the ring [0, {ring_size})")
+    if not np.all((mask == 1) | (mask == -1)):
+        bad = mask[(mask != 1) & (mask != -1)][0]
+        raise ValueError(f"{where}: mask values must be +1 or -1, found {bad!r}")
+    index = index.reshape(cout, cin, kh, kw).transpose(2, 3, 1, 0).ravel()
+    mask = mask.reshape(cout, cin, kh, kw).transpose(2, 3, 1, 0).ravel()
+    return encode(index, mask)
+
+
+def _copy(key: str, value: Any, shape: tuple[int, ...]) -> np.ndarray:
+    """A state_dict tensor in Flax layout (OIHW->HWIO, (out, in)->(in, out)), shape-checked."""
+    x = _to_numpy(value).astype(np.float32)
+    if x.ndim == 4:
+        x = x.transpose(2, 3, 1, 0)
+    elif x.ndim == 2:
+        x = x.T
+    if x.shape != shape:
+        raise ValueError(f"state_dict[{key!r}]: expected shape {shape} in Flax layout, got "
+                         f"{tuple(x.shape)} (PyTorch shape {tuple(_to_numpy(value).shape)})")
+    return x
+
+
+def _load_state_dict(pth_path: str) -> tuple[dict[str, Any], int]:
+    try:
+        import torch
+    except ImportError as e:
+        raise ImportError("load_reference_checkpoint needs PyTorch to read the .pth.tar "
+                          "file: pip install torch") from e
+    loaded = torch.load(pth_path, map_location="cpu", weights_only=False)
+    if not isinstance(loaded, Mapping):
+        raise ValueError(f"{pth_path}: expected a dict or a state_dict, got "
+                         f"{type(loaded).__name__}")
+    step = 0
+    state = loaded
+    if "state_dict" in loaded:
+        state = loaded["state_dict"]
+        if "epoch" in loaded:
+            step = int(loaded["epoch"])
+    state = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
+    return state, step
+
+
+def load_reference_checkpoint(pth_path: str, p_idxs_path: str, b_masks_path: str,
+                              arch: str = "resnet18",
+                              num_classes: int | None = None) -> Checkpoint:
+    """Loads the authors' PyTorch RPG ResNet18/34 checkpoint as an RPG ``Checkpoint``.
+
+    Args:
+      pth_path: the ``<name>.pth.tar`` file (a dict with ``state_dict``, or a state_dict).
+      p_idxs_path: ``<name>p_idxs.npy``, the index vector of every generated conv.
+      b_masks_path: ``<name>b_masks.npy``, the +1/-1 mask vector of every generated conv.
+      arch: "resnet18" or "resnet34".
+      num_classes: classifier size; read from ``fc.weight`` when None.
+
+    Returns a ``Checkpoint`` with one ring "ring" (``mem.w``), an explicit spec holding the
+    imported tables, the BN running statistics, and ImageNet dataset info. Raises ValueError,
+    naming the layer, when the files disagree with the architecture.
+    """
+    key = arch.strip().lower()
+    if key not in REFERENCE_ARCHS:
+        raise ValueError(f"arch={arch!r} is not supported; valid: {', '.join(REFERENCE_ARCHS)}")
+    state, step = _load_state_dict(pth_path)
+    if _RING_KEY not in state:
+        raise ValueError(f"state_dict has no ring {_RING_KEY!r} (keys: {sorted(state)[:8]}...)")
+    ring = _to_numpy(state[_RING_KEY]).astype(np.float32).ravel()
+    if "fc.weight" not in state:
+        raise ValueError("state_dict has no 'fc.weight' (the classifier)")
+    if num_classes is None:
+        num_classes = int(_to_numpy(state["fc.weight"]).shape[0])
+
+    model = get_model(key, num_classes=num_classes)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
+                                               jnp.zeros((1, 224, 224, 3)), train=False))
+
+    # Generated convs: one (index, mask) pair each, in registration order.
+    indices = _entries(np.load(p_idxs_path, allow_pickle=True))
+    masks = _entries(np.load(b_masks_path, allow_pickle=True))
+    order = _registration_order(shapes["params"])
+    if len(indices) != len(masks):
+        raise ValueError(f"{p_idxs_path} holds {len(indices)} index vectors but "
+                         f"{b_masks_path} holds {len(masks)} mask vectors")
+    count_note = ("" if len(indices) == len(order) else
+                  f" (the files hold {len(indices)} tables, {key} has {len(order)} generated "
+                  "convs)")
+    tables = {}
+    for pos, (path, shape) in enumerate(order):
+        name = _torch_module(path[:-1])
+        if pos >= len(indices):
+            raise ValueError(f"{name} (p_idxs[{pos}]): no table{count_note}")
+        tables["/".join(path)] = _table(name, pos, indices[pos], masks[pos], shape, ring.size,
+                                        count_note)
+    if len(indices) > len(order):
+        raise ValueError(f"p_idxs[{len(order)}:] are unexpected after the last generated conv "
+                         f"{_torch_module(order[-1][0][:-1])}{count_note}")
+    spec = spec_from_tables(shapes["params"], ring_size=int(ring.size), leaf_tables=tables,
+                            ring_fan=REFERENCE_FAN)
+
+    # Free params and BN statistics, copied from the state_dict.
+    used = {_RING_KEY}
+    trees = {}
+    for collection in ("params", "batch_stats"):
+        pairs = []
+        for path, leaf in flatten_params(shapes[collection]):
+            shape = tuple(int(s) for s in leaf.shape)
+            if collection == "params" and _is_generated(path, shape):
+                continue
+            torch_key = _torch_key(collection, path)
+            if torch_key not in state:
+                raise ValueError(f"state_dict has no {torch_key!r} (for Flax {collection} "
+                                 f"{'/'.join(path)}, shape {shape})")
+            pairs.append((path, jnp.asarray(_copy(torch_key, state[torch_key], shape))))
+            used.add(torch_key)
+        trees[collection] = unflatten_params(pairs)
+    unexpected = sorted(k for k in set(state) - used if not k.endswith(_IGNORED_SUFFIXES))
+    if unexpected:
+        raise ValueError(f"state_dict has keys that {key} does not use: {unexpected}")
+
+    config = config_lib.base_config()
+    config.dataset = "imagenet2012"
+    config.model = key
+    config.rpg.enabled = True
+    config.rpg.ring_size = float(ring.size)
+    info = data.DatasetInfo(
+        name="imagenet2012", num_classes=int(num_classes), image_shape=(224, 224, 3),
+        mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), num_train=1281167,
+        num_eval=50000, train_split="train", eval_split="validation")
+    bank = {"rings": {"ring": jnp.asarray(ring)}, "free": trees["params"]}
+    return Checkpoint(bank=bank, spec=spec, batch_stats=trees["batch_stats"], config=config,
+                      step=step, model=model, info=info)
