@@ -1,7 +1,8 @@
 """Orbax checkpoints of a run, resume checks, and the notebook API ``load_checkpoint``.
 
-A checkpoint step holds five items: ``state`` (the TrainState arrays), ``data`` (the grain
-iterator position, one file per process), ``spec`` (the RPG spec as JSON: indices and signs
+A checkpoint step holds six items: ``state`` (the TrainState arrays), ``data`` (the grain
+iterator position, one file per process), ``metrics`` (train metrics of the steps since
+the last log record), ``spec`` (the RPG spec as JSON: indices and signs
 are derived from it, no index files), ``config`` (the run's config as JSON) and ``info``
 (the dataset's static description, so a checkpoint loads without the dataset's files).
 """
@@ -45,11 +46,17 @@ def make_manager(workdir: str, keep: int = 2, read_only: bool = False) -> ocp.Ch
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: steps.TrainState, iterator: Any,
-         exp: experiment.Experiment) -> None:
-    """Starts an (async) save of the state, the data iterator, the spec, config and info."""
+         exp: experiment.Experiment, pending: list[dict[str, Any]] = ()) -> None:
+    """Starts an (async) save of the state, the data iterator, the spec, config and info.
+
+    ``pending`` are the per-step train metrics not yet in a log record; a resumed run
+    continues the log window with them, so its metrics equal an uninterrupted run's.
+    """
+    pending_host = [{k: float(v) for k, v in m.items()} for m in jax.device_get(list(pending))]
     manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         data=grain.checkpoint.CheckpointSave(iterator),
+        metrics=ocp.args.JsonSave({"pending": pending_host}),
         spec=ocp.args.JsonSave(exp.spec.to_dict() if exp.spec is not None else {}),
         config=ocp.args.JsonSave(exp.config.to_dict()),
         info=ocp.args.JsonSave(dataclasses.asdict(exp.info)),
@@ -91,14 +98,16 @@ def check_compatible(saved_config: dict, saved_spec: RPGSpec | None,
 
 
 def restore(manager: ocp.CheckpointManager, step: int, target: steps.TrainState,
-            iterator: Any) -> steps.TrainState:
-    """Restores checkpoint ``step`` into the shardings of ``target``; sets ``iterator``."""
+            iterator: Any) -> tuple[steps.TrainState, list[dict[str, float]]]:
+    """Restores checkpoint ``step`` into the shardings of ``target`` and sets ``iterator``;
+    returns the state and the pending train metrics saved with it."""
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract),
         data=grain.checkpoint.CheckpointRestore(iterator),
+        metrics=ocp.args.JsonRestore(),
     ))
-    return restored["state"]
+    return restored["state"], list(restored["metrics"]["pending"])
 
 
 @dataclasses.dataclass

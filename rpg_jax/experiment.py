@@ -56,9 +56,12 @@ def param_shapes(model: nn.Module, info: DatasetInfo) -> Any:
 def build_spec(config: ml_collections.ConfigDict, params_or_shapes: Any) -> RPGSpec | None:
     if not config.rpg.enabled:
         return None
-    return make_spec(params_or_shapes, config_lib.ring_size(config), seed=config.rpg.seed,
-                     groups=config_lib.groups(config), select=config.rpg.select,
-                     mode=config.rpg.mode)
+    try:
+        return make_spec(params_or_shapes, config_lib.ring_size(config), seed=config.rpg.seed,
+                         groups=config_lib.groups(config), select=config.rpg.select,
+                         mode=config.rpg.mode)
+    except ValueError as e:
+        raise ValueError(f"config.rpg (model {config.model!r}): {e}") from e
 
 
 def build(config: ml_collections.ConfigDict, info: DatasetInfo) -> Experiment:

@@ -63,7 +63,7 @@ _Layout = tuple[tuple[int, tuple[int, ...], float, str], ...]
 
 
 def _signed_gather(values: jax.Array, table: jax.Array) -> jax.Array:
-    picked = values.at[table & _INDEX_MASK].get(mode="promise_in_bounds")
+    picked = jnp.asarray(values).at[table & _INDEX_MASK].get(mode="promise_in_bounds")
     return jnp.where(table < 0, -picked, picked)
 
 

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from rpg_jax import checkpoints, data, experiment, steps
 from rpg_jax import config as config_lib
 from rpg_jax.generator import count, make_tables
-from rpg_jax.metrics import MetricWriter
+from rpg_jax.metrics import MetricWriter, read_metrics
 
 SUMMARY_FILE = "summary.json"
 
@@ -89,8 +89,15 @@ def _log_eval(step: int, metrics: dict[str, float]) -> None:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains and evaluates the model described by ``config``; resumes from ``workdir``.
 
-    Returns the summary (also written to ``WORKDIR/summary.json``).
+    Returns the summary (also written to ``WORKDIR/summary.json``). A SIGTERM at any time
+    saves a checkpoint after the current step and returns (``summary["preempted"]``).
     """
+    with _PreemptionFlag() as flag:
+        return _train_and_evaluate(config, workdir, flag)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                        flag: _PreemptionFlag) -> dict[str, Any]:
     config_lib.validate(config)
     _check_devices(config)
     info = data.dataset_info(config.dataset, config.data_dir or None,
@@ -124,13 +131,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         data_dir=data_dir, process_index=pid, process_count=nproc,
         synthetic_size=synthetic_size)
 
+    pending: list[dict[str, Any]] = []  # per-step train metrics since the last log record
     if latest is None:
         state = jax.device_put(experiment.initial_state(exp), replicated)
     else:
         target = jax.tree.map(
             lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
             experiment.abstract_state(exp))
-        state = checkpoints.restore(manager, latest, target, train_iter)
+        state, pending = checkpoints.restore(manager, latest, target, train_iter)
         logging.info("Resumed from the checkpoint at step %d", latest)
     tables = make_tables(exp.spec, replicated) if exp.spec is not None else {}
 
@@ -166,60 +174,65 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     ckpt_every = _interval(config.checkpoint_every_steps, exp.steps_per_epoch)
     bar = tqdm(total=num_steps, initial=step, unit="step", dynamic_ncols=True,
                disable=not (jax.process_index() == 0 and sys.stderr.isatty()))
-    pending: list[dict[str, jax.Array]] = []
     first_step, train_seconds = step, 0.0
     window_start, window_steps, paused = time.perf_counter(), 0, 0.0
-    last_eval: dict[str, float] = {}
+    last_eval = _recorded_eval(workdir, step)  # a resumed run may have evaluated this step
 
-    with _PreemptionFlag() as flag:
-        while step < num_steps:
-            state, metrics = train_step(state, to_global(next(train_iter)), tables)
-            step += 1
-            window_steps += 1
-            pending.append(metrics)
-            bar.update(1)
-            if step % log_every == 0 or step == num_steps:
-                means = {k: float(np.mean([m[k] for m in jax.device_get(pending)]))
-                         for k in pending[0]}
-                elapsed = time.perf_counter() - window_start - paused
-                train_seconds += elapsed
-                rate = window_steps * config.batch_size / elapsed
-                writer.write(step, epoch=step / exp.steps_per_epoch, train_loss=means["loss"],
-                             train_accuracy=means["accuracy"],
-                             learning_rate=means["learning_rate"], images_per_sec=rate)
-                bar.set_postfix(loss=f"{means['loss']:.3f}", acc=f"{means['accuracy']:.3f}")
-                if bar.disable:
-                    logging.info("step %d/%d loss %.4f acc %.4f lr %.4g %.0f img/s", step,
-                                 num_steps, means["loss"], means["accuracy"],
-                                 means["learning_rate"], rate)
-                pending = []
-                window_start, window_steps, paused = time.perf_counter(), 0, 0.0
-            interrupted = flag.raised or (nproc > 1 and manager.reached_preemption(step))
-            if step == num_steps or interrupted:
-                break
-            pause_start = time.perf_counter()
-            if eval_every and step % eval_every == 0:
-                last_eval = evaluate(eval_step, state, tables, eval_batches, to_global,
-                                     config.eval_steps)
-                writer.write(step, epoch=step / exp.steps_per_epoch, **last_eval)
-                _log_eval(step, last_eval)
-            if ckpt_every and step % ckpt_every == 0:
-                checkpoints.save(manager, step, state, train_iter, exp)
-            paused += time.perf_counter() - pause_start
+    def run_eval() -> dict[str, float]:
+        result = evaluate(eval_step, state, tables, eval_batches, to_global, config.eval_steps)
+        writer.write(step, epoch=step / exp.steps_per_epoch, **result)
+        _log_eval(step, result)
+        return result
+
+    if 0 < step < num_steps and eval_every and step % eval_every == 0 and not last_eval:
+        last_eval = run_eval()  # due when the previous run stopped, but not yet done
+    while step < num_steps:
+        state, metrics = train_step(state, to_global(next(train_iter)), tables)
+        step += 1
+        window_steps += 1
+        pending.append(metrics)
+        bar.update(1)
+        if step % log_every == 0 or step == num_steps:
+            host = jax.device_get(pending)  # float64 means, as for metrics restored from JSON
+            means = {k: float(np.mean([float(m[k]) for m in host])) for k in host[0]}
+            elapsed = time.perf_counter() - window_start - paused
+            train_seconds += elapsed
+            rate = window_steps * config.batch_size / elapsed
+            writer.write(step, epoch=step / exp.steps_per_epoch, train_loss=means["loss"],
+                         train_accuracy=means["accuracy"],
+                         learning_rate=means["learning_rate"], images_per_sec=rate)
+            bar.set_postfix(loss=f"{means['loss']:.3f}", acc=f"{means['accuracy']:.3f}")
+            if bar.disable:
+                logging.info("step %d/%d loss %.4f acc %.4f lr %.4g %.0f img/s", step,
+                             num_steps, means["loss"], means["accuracy"],
+                             means["learning_rate"], rate)
+            pending = []
+            window_start, window_steps, paused = time.perf_counter(), 0, 0.0
+        if step == num_steps or flag.raised or (nproc > 1 and manager.reached_preemption(step)):
+            break
+        pause_start = time.perf_counter()
+        if eval_every and step % eval_every == 0:
+            last_eval = run_eval()
+        else:
+            last_eval = {}
+        if ckpt_every and step % ckpt_every == 0:
+            checkpoints.save(manager, step, state, train_iter, exp, pending)
+        paused += time.perf_counter() - pause_start
     preempted = step < num_steps
     bar.close()
 
     if preempted:
         logging.warning("Preempted at step %d: saving a checkpoint and exiting", step)
-    else:
-        last_eval = evaluate(eval_step, state, tables, eval_batches, to_global,
-                             config.eval_steps)
-        writer.write(step, epoch=step / exp.steps_per_epoch, **last_eval)
-        _log_eval(step, last_eval)
+    elif step > first_step or not last_eval:
+        last_eval = run_eval()
     if manager.latest_step() != step:
-        checkpoints.save(manager, step, state, train_iter, exp)
+        checkpoints.save(manager, step, state, train_iter, exp, pending)
     manager.wait_until_finished()
     manager.close()
+    summary_path = os.path.join(workdir, SUMMARY_FILE)
+    if step == first_step and os.path.exists(summary_path):  # already finished: nothing ran
+        with open(summary_path) as f:
+            return json.load(f)
 
     summary = {
         "step": step,
@@ -239,9 +252,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         },
     }
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, SUMMARY_FILE), "w") as f:
+        with open(summary_path, "w") as f:
             json.dump(summary, f, indent=1)
     return summary
+
+
+def _recorded_eval(workdir: str, step: int) -> dict[str, Any]:
+    """The eval record of ``step`` already in the metrics file, if any (a resumed run)."""
+    records = [r for r in read_metrics(workdir) if r["step"] == step and "eval_top1" in r]
+    if not records or step == 0:
+        return {}
+    return {k: v for k, v in records[-1].items() if k.startswith("eval_")}
 
 
 def _size(tree: Any) -> int:

@@ -6,9 +6,10 @@
 
 Runs ``rpg_jax.train.train_and_evaluate`` on the config given as JSON (``config.to_json()``)
 with ``N`` simulated CPU devices, optionally as process ``I`` of a ``jax.distributed`` job.
-``--pause-at-step`` makes the run stop right after train step ``S`` (once checkpoint step
-``K`` is finalized on disk), write ``FILE`` and sleep, so the parent can kill it at a known
-point. Prints the summary as one JSON line prefixed with ``SUMMARY``.
+``--pause-at-step`` makes the run block inside the loop iteration of train step ``S``, after
+the step ran and before its metrics are logged (once checkpoint step ``K`` is finalized on
+disk), write ``FILE`` and sleep, so the parent can kill it at a known point.
+Prints the summary as one JSON line prefixed with ``SUMMARY``.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 
 
 def _pausing_bar(base, workdir: str, pause_at: int, after_checkpoint: int | None, marker: str):
-    """A tqdm subclass whose ``update`` blocks after train step ``pause_at`` (the bar is
-    updated once per step, right after the step, whether or not it is displayed)."""
+    """A tqdm subclass whose ``update`` blocks at train step ``pause_at`` (the loop updates
+    the bar once per step, after the step and before logging, even when it is hidden)."""
     ckpt = os.path.join(workdir, "checkpoints", str(after_checkpoint))
 
     class PausingBar(base):
