@@ -28,27 +28,8 @@ from rpg_jax import config as config_lib
 from rpg_jax.spec import RPGSpec
 from rpg_jax.train import train_and_evaluate
 
-_CACHE_OPTIONS = {
-    "jax_compilation_cache_dir": None,  # set per session below
-    "jax_persistent_cache_min_compile_time_secs": 0.0,
-    "jax_persistent_cache_min_entry_size_bytes": 0,
-}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compile_cache(tmp_path_factory) -> Path:
-    """Persistent compilation cache for this module (restored afterwards)."""
-    from jax._src import compilation_cache
-
-    path = tmp_path_factory.getbasetemp() / "jax-compilation-cache"
-    old = {name: getattr(jax.config, name) for name in _CACHE_OPTIONS}
-    for name, value in _CACHE_OPTIONS.items():
-        jax.config.update(name, str(path) if value is None else value)
-    compilation_cache.reset_cache()  # the "is the cache used" decision is taken once
-    yield path
-    for name, value in old.items():
-        jax.config.update(name, value)
-    compilation_cache.reset_cache()
+# Compiling is most of these tests' time: share a persistent cache (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("compile_cache")
 
 
 def tiny_config(**overrides) -> ml_collections.ConfigDict:

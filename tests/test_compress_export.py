@@ -13,6 +13,9 @@ from rpg_jax.data import load_fashion_mnist
 from rpg_jax.export import export, load_export
 from rpg_jax.train import train_and_evaluate
 
+# Compiling is most of the fixtures' time: share a persistent cache (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("compile_cache")
+
 FMNIST = os.environ.get("RPG_JAX_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist")
 needs_fmnist = pytest.mark.skipif(
     not os.path.exists(os.path.join(FMNIST, "train-images-idx3-ubyte.gz")),
