@@ -1,5 +1,6 @@
 """The embedded default: CIFAR-style ResNet-20 with an RPG ring of 10% of its generated
-weights, on Fashion-MNIST (Debian's dataset-fashion-mnist). About 15 minutes on 2 CPU cores.
+weights, on Fashion-MNIST (Debian's dataset-fashion-mnist). About 21 minutes on 2 CPU cores
+(4 epochs at ~193 images/s); 91.2% test top-1.
 
 Variants: ``configs/fashion_mnist.py:plain`` trains the same network without RPG.
 """
