@@ -17,42 +17,18 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
 import rpg_jax
 from rpg_jax import checkpoints, data, experiment, steps
-from rpg_jax import config as config_lib
 from rpg_jax.spec import RPGSpec
 from rpg_jax.train import train_and_evaluate
+from tiny_config import tiny_config
 
 # Compiling is most of these tests' time: share a persistent cache (tests/conftest.py).
 pytestmark = pytest.mark.usefixtures("compile_cache")
-
-
-def tiny_config(**overrides) -> ml_collections.ConfigDict:
-    """ResNet-20 x0.25 on 256 synthetic CIFAR images, 8 steps of batch 16, checkpoints at
-    steps 4 and 8 (the same runs as tests/test_train.py, so compilations are shared)."""
-    c = config_lib.base_config()
-    c.dataset = "synthetic_cifar"
-    c.synthetic_size = 256
-    c.model = "resnet20"
-    c.width = 0.25
-    c.batch_size = 16
-    c.num_train_steps = 8
-    c.log_every_steps = 2
-    c.eval_every_steps = 4
-    c.checkpoint_every_steps = 4
-    c.keep_checkpoints = 2
-    for dotted, value in overrides.items():
-        *parents, leaf = dotted.split(".")
-        node = c
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
-    return c
 
 
 def synthetic_info(config) -> data.DatasetInfo:

@@ -36,6 +36,7 @@ from rpg_jax import train as train_lib
 from rpg_jax.generator import make_tables
 from rpg_jax.metrics import read_metrics
 from rpg_jax.train import train_and_evaluate
+from tiny_config import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).resolve().parent / "multiprocess_worker.py"
@@ -59,31 +60,6 @@ def subprocess_env(cache_dir: Path, devices: int = N_DEVICES) -> dict[str, str]:
         PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])),
     )
     return env
-
-
-def tiny_config(**overrides) -> ml_collections.ConfigDict:
-    """ResNet-20 x0.25 on 256 synthetic CIFAR images, 8 steps of batch 16 (16 per epoch).
-
-    Overrides use dotted names: ``tiny_config(**{"rpg.enabled": False})``.
-    """
-    c = config_lib.base_config()
-    c.dataset = "synthetic_cifar"
-    c.synthetic_size = 256
-    c.model = "resnet20"
-    c.width = 0.25
-    c.batch_size = 16
-    c.num_train_steps = 8
-    c.log_every_steps = 2
-    c.eval_every_steps = 4
-    c.checkpoint_every_steps = 4
-    c.keep_checkpoints = 2
-    for dotted, value in overrides.items():
-        *parents, leaf = dotted.split(".")
-        node = c
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
-    return c
 
 
 @pytest.fixture(scope="module")
