@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # RPG vs plain on one NVIDIA GPU: ImageNet ResNet18 and ResNet50 at 224x224, bfloat16
-# compute, batch 256, ring 2,359,296: images/s (paired, median of 10 pairs), compile time and
-# the compiled step's memory. Writes benchmarks/results/gpu.json (or $OUT/gpu.json).
+# compute, batch 256, ring 2,359,296: images/s (paired, median of 10 rounds) of the plain step
+# and of the RPG step with the gather backward (default) and the scatter backward
+# (rpg.backward="scatter"), compile time and the compiled step's memory. Writes benchmarks/results/gpu.json (or $OUT/gpu.json).
 # Takes about 5 minutes on an H100/H200-class GPU. Target: RPG/plain throughput >= 0.98.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,6 +29,7 @@ merged = {p.stem: json.loads(p.read_text()) for p in sorted(tmp.glob("*.json"))}
 pathlib.Path(sys.argv[2]).write_text(json.dumps(merged, indent=1) + "\n")
 for name, r in merged.items():
     s = r["train_step"]
-    print(f"{name}: RPG/plain step time {s['ratio_rpg_over_plain']:.3f}, images/s "
-          f"{s['images_per_sec']}, memory MB {[v.get('total_mb') for v in s['memory'].values()]}")
+    print(f"{name}: step time / plain: rpg {s['ratio_rpg_over_plain']:.3f}, rpg_scatter "
+          f"{s['ratio_rpg_scatter_over_plain']:.3f}; images/s {s['images_per_sec']}; memory MB "
+          f"{ {k: round(v.get('total_mb', 0)) for k, v in s['memory'].items()} }")
 PY

@@ -4,7 +4,9 @@
         --half_precision --ring_size 2359296 [--pairs 7] [--out FILE]
 
 Same model, optimizer (SGD momentum 0.9, coupled weight decay) and device-resident uint8
-batch for both; the steps alternate and the ratio is the median of per-pair ratios.
+batch for all; the steps alternate (plain, rpg, rpg_scatter, in rotating order) and each
+ratio is the median of per-round ratios. ``rpg`` is the default gather backward (inverse
+tables), ``rpg_scatter`` the forward-table-only scatter backward (config rpg.backward).
 """
 
 from __future__ import annotations
@@ -57,21 +59,23 @@ def paired_step_benchmark(model_name: str, batch_size: int, image_size: int, rin
     spec = rpg_jax.make_spec(variables["params"], ring_size=ring_size)
     mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
-    def build(rpg: bool) -> dict:
+    def build(kind: str) -> dict:
+        rpg = kind != "plain"
         step = steps.make_train_step(model, tx, spec if rpg else None, mean, std,
                                      input_dtype=dtype)
         trainable = (rpg_jax.init_bank(jax.random.key(1), spec, variables["params"])
                      if rpg else variables["params"])
         # Private copies: the step donates its state, and both runs start from `variables`.
         state = jax.tree.map(jnp.copy, steps.init_state(trainable, variables["batch_stats"], tx))
-        tables = rpg_jax.make_tables(spec) if rpg else {}
+        tables = rpg_jax.make_tables(spec, inverse=kind == "rpg") if rpg else {}
         jax.clear_caches()  # a repeated lower().compile() would otherwise be a cache hit
         start = time.perf_counter()
         compiled = jax.jit(step, donate_argnums=0).lower(state, batch, tables).compile()
         return {"fn": compiled, "state": state, "tables": tables,
                 "compile_s": time.perf_counter() - start, "memory": _memory(compiled)}
 
-    runs = {"plain": build(False), "rpg": build(True)}
+    kinds = ("plain", "rpg", "rpg_scatter")
+    runs = {kind: build(kind) for kind in kinds}
 
     def one(kind: str) -> float:
         r = runs[kind]
@@ -81,19 +85,22 @@ def paired_step_benchmark(model_name: str, batch_size: int, image_size: int, rin
         return time.perf_counter() - start
 
     for _ in range(2):  # warm-up
-        one("plain"), one("rpg")
-    times: dict[str, list[float]] = {"plain": [], "rpg": []}
+        for kind in kinds:
+            one(kind)
+    times: dict[str, list[float]] = {kind: [] for kind in kinds}
     for i in range(pairs):
-        for kind in (("plain", "rpg") if i % 2 == 0 else ("rpg", "plain")):
+        for kind in kinds[i % 3:] + kinds[:i % 3]:
             times[kind].append(one(kind))
-    ratios = [r / p for r, p in zip(times["rpg"], times["plain"], strict=True)]
+    ratios = {kind: [r / p for r, p in zip(times[kind], times["plain"], strict=True)]
+              for kind in kinds[1:]}
     c = rpg_jax.count(spec)
     return {
         "model": model_name, "image_size": image_size, "batch_size": batch_size,
         "half_precision": half_precision, "ring_size": ring_size, "pairs": pairs,
         "step_ms": {k: 1e3 * statistics.median(v) for k, v in times.items()},
         "images_per_sec": {k: batch_size / statistics.median(v) for k, v in times.items()},
-        "ratio_rpg_over_plain": statistics.median(ratios),
+        "ratio_rpg_over_plain": statistics.median(ratios["rpg"]),
+        "ratio_rpg_scatter_over_plain": statistics.median(ratios["rpg_scatter"]),
         "ratios": ratios,
         "compile_s": {k: v["compile_s"] for k, v in runs.items()},
         "memory": {k: v["memory"] for k, v in runs.items()},

@@ -127,7 +127,7 @@ class Checkpoint:
         """The model's full params (generated from the bank for RPG)."""
         if self.spec is None:
             return self.bank
-        return generate_params(self.bank, self.spec, make_tables(self.spec))
+        return generate_params(self.bank, self.spec, make_tables(self.spec, inverse=False))
 
     @functools.cached_property
     def _apply(self):

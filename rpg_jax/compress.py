@@ -171,7 +171,7 @@ def evaluate(ckpt, trainable: Any, batch_size: int = 500) -> dict[str, float]:
                                              ckpt.info.std))
     state = steps.TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable,
                              opt_state=None, batch_stats=ckpt.batch_stats)
-    tables = make_tables(ckpt.spec) if ckpt.spec is not None else {}
+    tables = make_tables(ckpt.spec, inverse=False) if ckpt.spec is not None else {}
     totals = None
     for batch in data.make_eval_batches(ckpt.info.name, global_batch_size=batch_size,
                                         data_dir=ckpt.config.get("data_dir") or None):

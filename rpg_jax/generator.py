@@ -19,7 +19,7 @@ from rpg_jax.index_map import inverse_table, ring_tables
 from rpg_jax.spec import RPGSpec, flatten_params, unflatten_params
 
 Bank = dict[str, Any]  # {"rings": {name: f32[N]}, "free": nested dict of free params}
-Tables = dict[str, dict[str, jax.Array]]  # {ring: {"forward": i32[T], "inverse": i32[N, M]}}
+Tables = dict[str, dict[str, jax.Array]]  # {ring: {"forward": i32[T], ["inverse": i32[N, M]]}}
 
 _INDEX_MASK = 0x7FFFFFFF
 
@@ -44,11 +44,17 @@ def host_tables(spec: RPGSpec) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     }
 
 
-def make_tables(spec: RPGSpec, sharding: jax.sharding.Sharding | None = None) -> Tables:
-    """Device arrays of the index tables; pass them into jitted code as an argument."""
+def make_tables(spec: RPGSpec, sharding: jax.sharding.Sharding | None = None, *,
+                inverse: bool = True) -> Tables:
+    """Device arrays of the index tables; pass them into jitted code as an argument.
+
+    With ``inverse=False`` only the forward table (4 bytes per generated weight) goes to the
+    device: enough for inference, and gradients then take a scatter-add instead of a gather
+    through the inverse table (4 more bytes per generated weight; see ``generate_params``).
+    """
     put = (lambda x: jax.device_put(x, sharding)) if sharding is not None else jnp.asarray
     return {
-        name: {"forward": put(fwd), "inverse": put(inv)}
+        name: {"forward": put(fwd), **({"inverse": put(inv)} if inverse else {})}
         for name, (fwd, inv) in host_tables(spec).items()
     }
 
@@ -67,8 +73,7 @@ def _signed_gather(values: jax.Array, table: jax.Array) -> jax.Array:
     return jnp.where(table < 0, -picked, picked)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _expand_ring(layout: _Layout, ring, forward, inverse):
+def _gather_leaves(layout: _Layout, ring, forward) -> tuple[jax.Array, ...]:
     # One gather per leaf straight into its kernel (the table slice and the scale fuse in).
     out, start = [], 0
     for size, shape, scale, dtype in layout:
@@ -78,8 +83,13 @@ def _expand_ring(layout: _Layout, ring, forward, inverse):
     return tuple(out)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _expand_ring(layout: _Layout, ring, forward, inverse):
+    return _gather_leaves(layout, ring, forward)
+
+
 def _expand_ring_fwd(layout, ring, forward, inverse):
-    return _expand_ring(layout, ring, forward, inverse), inverse
+    return _gather_leaves(layout, ring, forward), inverse
 
 
 def _expand_ring_bwd(layout, residuals, cotangents):
@@ -96,6 +106,32 @@ def _expand_ring_bwd(layout, residuals, cotangents):
 
 
 _expand_ring.defvjp(_expand_ring_fwd, _expand_ring_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _expand_ring_scatter(layout: _Layout, ring, forward):
+    return _gather_leaves(layout, ring, forward)
+
+
+def _expand_ring_scatter_fwd(layout, ring, forward):
+    return _gather_leaves(layout, ring, forward), (ring, forward)  # inputs: no copies
+
+
+def _expand_ring_scatter_bwd(layout, residuals, cotangents):
+    # The forward-table-only transpose: the leaves' cotangents are scatter-added one after
+    # another into a single ring-sized accumulator (updated in place).
+    ring, forward = residuals
+    grad, start = jnp.zeros_like(ring), 0
+    for g, (size, _, scale, _) in zip(cotangents, layout, strict=True):
+        table = forward[start : start + size]
+        g = g.astype(ring.dtype).reshape(-1) * jnp.asarray(scale, ring.dtype)
+        grad = grad.at[table & _INDEX_MASK].add(jnp.where(table < 0, -g, g),
+                                                mode="promise_in_bounds")
+        start += size
+    return grad, None
+
+
+_expand_ring_scatter.defvjp(_expand_ring_scatter_fwd, _expand_ring_scatter_bwd)
 
 
 def _check_bank(bank: Bank, spec: RPGSpec) -> None:
@@ -129,7 +165,8 @@ def generate_params(bank: Bank, spec: RPGSpec, tables: Tables | None = None) -> 
 
     Returns exactly the structure, shapes and dtypes described by ``spec``. Pure,
     differentiable and jit-able; inside ``jit`` pass ``tables=make_tables(spec)`` as an
-    argument.
+    argument. The gradient is a gather through the inverse tables when ``tables`` have them,
+    else a scatter-add through the forward tables (same values up to summation order).
     """
     _check_bank(bank, spec)
     if tables is None:
@@ -138,8 +175,11 @@ def generate_params(bank: Bank, spec: RPGSpec, tables: Tables | None = None) -> 
     for ring in spec.rings:
         members = spec.ring_leaves(ring.name)
         layout = tuple((leaf.size, leaf.shape, leaf.scale, leaf.dtype) for leaf in members)
-        t = tables[ring.name]
-        kernels = _expand_ring(layout, bank["rings"][ring.name], t["forward"], t["inverse"])
+        t, values = tables[ring.name], bank["rings"][ring.name]
+        if "inverse" in t:
+            kernels = _expand_ring(layout, values, t["forward"], t["inverse"])
+        else:
+            kernels = _expand_ring_scatter(layout, values, t["forward"])
         leaves.update({leaf.path: k for leaf, k in zip(members, kernels, strict=True)})
     return unflatten_params([(leaf.path, leaves[leaf.path]) for leaf in spec.leaves])
 
@@ -163,7 +203,7 @@ def init_bank(key: jax.Array, spec: RPGSpec, params: Any) -> Bank:
 
 def materialize(bank: Bank, spec: RPGSpec) -> dict[str, Any]:
     """Plain params as host NumPy arrays (for export or serving), computed outside jit."""
-    return jax.device_get(generate_params(bank, spec, make_tables(spec)))
+    return jax.device_get(generate_params(bank, spec, make_tables(spec, inverse=False)))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -140,7 +140,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             experiment.abstract_state(exp))
         state, pending = checkpoints.restore(manager, latest, target, train_iter)
         logging.info("Resumed from the checkpoint at step %d", latest)
-    tables = make_tables(exp.spec, replicated) if exp.spec is not None else {}
+    tables = (make_tables(exp.spec, replicated, inverse=config.rpg.backward == "gather")
+              if exp.spec is not None else {})
 
     train_step = jax.jit(
         steps.make_train_step(exp.model, exp.tx, exp.spec, info.mean, info.std, exp.lr_fn,

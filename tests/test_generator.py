@@ -169,17 +169,18 @@ def test_sharded_bank_on_a_mesh():
 # ------------------------------------------------------------------------ gradients
 
 
+@pytest.mark.parametrize("inverse", [True, False], ids=["gather", "scatter"])
 @pytest.mark.parametrize("mode", rpg_jax.MODES)
 @pytest.mark.parametrize(
     "groups",
     ["global", "stage", "block", "layer", {"layer1": "early", "layer2": "late"}],
     ids=["global", "stage", "block", "layer", "mapping"],
 )
-def test_gradients_match_plain_gather(mode, groups):
+def test_gradients_match_plain_gather(mode, groups, inverse):
     params = toy_params()
     spec = rpg_jax.make_spec(params, 0.3, mode=mode, groups=groups, seed=3)
     bank = rpg_jax.init_bank(jax.random.key(0), spec, params)
-    tables = rpg_jax.make_tables(spec)
+    tables = rpg_jax.make_tables(spec, inverse=inverse)
     fast = jax.jit(jax.grad(lambda b, t: weighted_loss(rpg_jax.generate_params(b, spec, t))))
     slow = jax.grad(lambda b: weighted_loss(reference_params(b, spec)))
     g_fast, g_slow = fast(bank, tables), slow(bank)
@@ -199,6 +200,20 @@ def test_backward_has_no_scatter():
     hlo = grad.lower(bank, rpg_jax.make_tables(spec)).as_text()
     assert "scatter" not in hlo
     assert "gather" in hlo
+
+
+def test_forward_only_tables_scatter_in_the_backward():
+    params = toy_params()
+    spec = rpg_jax.make_spec(params, 0.3, groups="stage")
+    bank = rpg_jax.init_bank(jax.random.key(0), spec, params)
+    tables = rpg_jax.make_tables(spec, inverse=False)
+    assert all(set(t) == {"forward"} for t in tables.values())
+    grad = jax.jit(jax.grad(lambda b, t: weighted_loss(rpg_jax.generate_params(b, spec, t))))
+    hlo = grad.lower(bank, tables).as_text()
+    # One in-place scatter-add per generated leaf, nothing of the size of an inverse table.
+    assert hlo.count("\"stablehlo.scatter\"") == len(spec.generated)
+    n_max, m_max = max(r.size for r in spec.rings), max(-(-r.length // r.size) for r in spec.rings)
+    assert f"s32[{n_max},{m_max}]" not in hlo
 
 
 # ------------------------------------------------------------------------ modes and groups

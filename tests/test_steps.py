@@ -44,6 +44,30 @@ def test_step_makes_no_implicit_transfers(rpg):
     assert float(jax.device_get(sums["count"])) == 16
 
 
+def test_scatter_backward_step_matches_gather_backward():
+    """Forward-only tables (config rpg.backward="scatter") train like the inverse tables."""
+    model = rpg_jax.models.ResNet20(num_classes=10, width=0.25)
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)), train=False)
+    spec = rpg_jax.make_spec(variables["params"], 0.2, groups="stage")
+    tx = optax.sgd(0.1, 0.9)
+    bank = rpg_jax.init_bank(jax.random.key(1), spec, variables["params"])
+    step = jax.jit(steps.make_train_step(model, tx, spec, (0.5,) * 3, (0.25,) * 3))
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.integers(0, 256, (16, 8, 8, 3), dtype=np.uint8),
+             "label": rng.integers(0, 10, 16).astype(np.int32)}
+    results = []
+    for inverse in (True, False):
+        state = steps.init_state(bank, variables["batch_stats"], tx)
+        for _ in range(3):
+            state, metrics = step(state, batch, rpg_jax.make_tables(spec, inverse=inverse))
+        results.append((state, metrics))
+    (a, ma), (b, mb) = results
+    assert float(ma["loss"]) == pytest.approx(float(mb["loss"]), rel=1e-5)
+    for x, y in zip(jax.tree.leaves(a.trainable), jax.tree.leaves(b.trainable), strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+    assert not np.allclose(a.trainable["rings"]["layer1"], bank["rings"]["layer1"])
+
+
 def test_reference_learning_rate_schedule():
     c = base_config()
     c.learning_rate, c.lr_schedule, c.lr_decay_epochs = 0.1, "exp_epoch", 45.0

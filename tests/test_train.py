@@ -640,6 +640,7 @@ def no_training(monkeypatch):
     ({"rpg.ring_size": 1.5e9}, r"ring_size=1500000000 is larger than the \d+ generated weights"),
     ({"rpg.ring_size": 2.5}, r"config\.rpg\.ring_size=2\.5: .*whole number"),
     ({"rpg.mode": "bogus"}, r"config\.rpg\.mode='bogus'"),
+    ({"rpg.backward": "inverse"}, r"config\.rpg\.backward='inverse'"),
     ({"rpg.groups": "bogus"}, r"config\.rpg\.groups='bogus'"),
     ({"lr_schedule": "bogus"}, r"config\.lr_schedule='bogus'"),
 ], ids=lambda x: "-".join(f"{k}={v}" for k, v in x.items()) if isinstance(x, dict) else None)
