@@ -5,10 +5,11 @@
 
 For each model (ImageNet ResNets, 1000 classes, ring 2,359,296):
 * ``compiled``: ``jit(step).lower(...).compile().memory_analysis()`` (arguments, outputs,
-  temporaries) for RPG and plain, and their compile times (median of alternating pairs;
-  the RPG tables are arguments, not constants);
+  temporaries) for plain, RPG (gather backward, forward + inverse tables) and rpg_scatter
+  (scatter backward, forward tables only), and their compile times (median of rounds in
+  rotating order; the RPG tables are arguments, not constants);
 * ``peak_rss_mb``: the peak resident memory of a fresh process that builds the state and
-  runs 2 steps (RPG and plain each in their own subprocess);
+  runs 2 steps (each kind in its own subprocess);
 * ``table_derivation_s``: deriving the index tables from the spec (no cache).
 """
 
@@ -35,7 +36,11 @@ from rpg_jax.index_map import ring_tables
 RING = 2_359_296
 
 
-def _setup(model_name: str, rpg: bool, batch_size: int, image_size: int):
+KINDS = ("plain", "rpg", "rpg_scatter")
+
+
+def _setup(model_name: str, kind: str, batch_size: int, image_size: int):
+    rpg = kind != "plain"
     model = rpg_jax.models.get_model(model_name, num_classes=1000)
     variables = jax.jit(lambda k: model.init(k, jnp.zeros((1, image_size, image_size, 3)),
                                              train=False))(jax.random.key(0, impl="rbg"))
@@ -44,7 +49,7 @@ def _setup(model_name: str, rpg: bool, batch_size: int, image_size: int):
     trainable = (rpg_jax.init_bank(jax.random.key(1), spec, variables["params"]) if rpg
                  else variables["params"])
     state = steps.init_state(trainable, variables["batch_stats"], tx)
-    tables = rpg_jax.make_tables(spec) if rpg else {}
+    tables = rpg_jax.make_tables(spec, inverse=kind == "rpg") if rpg else {}
     rng = np.random.default_rng(0)
     batch = {"image": jnp.asarray(rng.integers(0, 256, (batch_size, image_size, image_size, 3),
                                                dtype=np.uint8)),
@@ -55,12 +60,11 @@ def _setup(model_name: str, rpg: bool, batch_size: int, image_size: int):
 
 
 def _compiled(model_name: str, batch_size: int, image_size: int, pairs: int) -> dict:
-    setups = {kind: _setup(model_name, kind == "rpg", batch_size, image_size)
-              for kind in ("plain", "rpg")}
-    times: dict[str, list[float]] = {"plain": [], "rpg": []}
+    setups = {kind: _setup(model_name, kind, batch_size, image_size) for kind in KINDS}
+    times: dict[str, list[float]] = {kind: [] for kind in KINDS}
     memory = {}
     for i in range(pairs):
-        for kind in (("plain", "rpg") if i % 2 == 0 else ("rpg", "plain")):
+        for kind in KINDS[i % 3:] + KINDS[:i % 3]:
             step, state, batch, tables, _ = setups[kind]
             jax.clear_caches()  # otherwise a repeated lower().compile() is a cache hit
             start = time.perf_counter()
@@ -83,7 +87,10 @@ def _compiled(model_name: str, batch_size: int, image_size: int, pairs: int) -> 
         "compile_ratio_rpg_over_plain": statistics.median(
             [r / p for r, p in zip(times["rpg"], times["plain"], strict=True)]),
         "memory": memory,
-        "memory_saving_mb": memory["plain"]["total_mb"] - memory["rpg"]["total_mb"],
+        "compile_ratio_rpg_scatter_over_plain": statistics.median(
+            [r / p for r, p in zip(times["rpg_scatter"], times["plain"], strict=True)]),
+        "memory_saving_mb": {kind: memory["plain"]["total_mb"] - memory[kind]["total_mb"]
+                             for kind in KINDS[1:]},
         "tables_mb": tables_mb,
         "params": {"plain": rpg_jax.count(spec).plain,
                    "rpg_trainable": rpg_jax.count(spec).trainable},
@@ -105,17 +112,17 @@ def _table_derivation(model_name: str) -> dict:
     return {"generated_weights": ring.length, "seconds": statistics.median(runs)}
 
 
-def _rss_child(model_name: str, rpg: bool, batch_size: int, image_size: int) -> None:
-    step, state, batch, tables, _ = _setup(model_name, rpg, batch_size, image_size)
+def _rss_child(model_name: str, kind: str, batch_size: int, image_size: int) -> None:
+    step, state, batch, tables, _ = _setup(model_name, kind, batch_size, image_size)
     for _ in range(2):
         state, metrics = step(state, batch, tables)
     jax.block_until_ready((state, metrics))
     print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
-def _peak_rss(model_name: str, rpg: bool, batch_size: int, image_size: int) -> float:
+def _peak_rss(model_name: str, kind: str, batch_size: int, image_size: int) -> float:
     out = subprocess.run(
-        [sys.executable, __file__, "--child", f"{model_name},{int(rpg)}",
+        [sys.executable, __file__, "--child", f"{model_name},{kind}",
          "--batch_size", str(batch_size), "--image_size", str(image_size)],
         check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])["peak_rss_mb"]
@@ -131,16 +138,17 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if args.child:
-        name, rpg = args.child.split(",")
-        _rss_child(name, rpg == "1", args.batch_size, args.image_size)
+        name, kind = args.child.split(",")
+        _rss_child(name, kind, args.batch_size, args.image_size)
         return
     result = {"machine": machine(), "batch_size": args.batch_size,
               "image_size": args.image_size, "ring_size": RING, "models": {}}
     for name in args.models.split(","):
         entry = _compiled(name, args.batch_size, args.image_size, args.pairs)
-        entry["peak_rss_mb"] = {kind: _peak_rss(name, kind == "rpg", args.batch_size,
-                                                args.image_size) for kind in ("plain", "rpg")}
-        entry["peak_rss_saving_mb"] = entry["peak_rss_mb"]["plain"] - entry["peak_rss_mb"]["rpg"]
+        entry["peak_rss_mb"] = {kind: _peak_rss(name, kind, args.batch_size, args.image_size)
+                                for kind in KINDS}
+        entry["peak_rss_saving_mb"] = {kind: entry["peak_rss_mb"]["plain"]
+                                       - entry["peak_rss_mb"][kind] for kind in KINDS[1:]}
         entry["table_derivation"] = _table_derivation(name)
         result["models"][name] = entry
     emit(result, args.out)
