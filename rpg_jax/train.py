@@ -252,9 +252,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             "plain_model": counts.plain if counts else _size(state.trainable),
         },
     }
-    if jax.process_index() == 0:
-        with open(summary_path, "w") as f:
+    if jax.process_index() == 0:  # write-then-rename: a kill never leaves half a summary
+        with open(summary_path + ".tmp", "w") as f:
             json.dump(summary, f, indent=1)
+        os.replace(summary_path + ".tmp", summary_path)
     return summary
 
 
