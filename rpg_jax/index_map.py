@@ -121,8 +121,10 @@ def ring_tables(
     ring_name: str,
     mode: str = "rpg",
     version: int = INDEX_MAP_VERSION,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Forward (``int32[T]``) and inverse (``int32[N, M]``) tables of one ring.
+    inverse: bool = True,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Forward (``int32[T]``) and inverse (``int32[N, M]``, or None if not ``inverse``)
+    tables of one ring.
 
     ``layer_sizes`` are the numbers of generated weights of the ring's layers, in order.
     """
@@ -144,19 +146,23 @@ def ring_tables(
     signed = mode in ("rpg", "sign_only")
 
     forward = np.empty(total, np.uint32)
+    slot = None  # pi(t): where t lands in the inverse table
     if permute is None:
         starts = np.cumsum((0,) + tuple(layer_sizes))[:-1]
         forward[:] = (np.arange(total, dtype=np.int64) - np.repeat(starts, layer_sizes)) % n
-    else:
-        slot = np.empty(total, np.int64)  # pi(t): where t lands in the inverse table
+    elif inverse:
+        slot = np.empty(total, np.int64)
     for lo in range(0, total, _CHUNK):
         t = np.arange(lo, min(lo + _CHUNK, total), dtype=np.uint32)
         if permute is not None:
             v = permute(t)
             forward[lo : lo + t.size] = v % np.uint32(n)
-            slot[lo : lo + t.size] = v
+            if slot is not None:
+                slot[lo : lo + t.size] = v
         if signed:
             forward[lo : lo + t.size] |= _sign_bits(t, _derive_key(key, 2))
+    if not inverse:
+        return forward.view(np.int32), None
     if permute is None:
         return forward.view(np.int32), inverse_table(forward.view(np.int32), n)
     # pi is a bijection, so entry e is read at positions pi^-1(e + k*N), k = 0, 1, ...

@@ -359,6 +359,9 @@ def test_tables_even_sampling_and_inverse(sizes, fraction, seed, mode):
     total = sum(sizes)
     n = max(1, min(total, round(fraction * total)))
     forward, inverse = ring_tables(tuple(sizes), n, seed=seed, ring_name="r", mode=mode)
+    alone, none = ring_tables(tuple(sizes), n, seed=seed, ring_name="r", mode=mode,
+                              inverse=False)
+    assert none is None and np.array_equal(alone, forward)
     index, sign = decode(forward)
     assert index.min() >= 0 and index.max() < n
     uses = np.bincount(index, minlength=n)
