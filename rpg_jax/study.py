@@ -662,7 +662,7 @@ def write_report(study: Study, workdir: str, out: str) -> dict[str, Any]:
         sections.append(f"## {exp.name}: {exp.title}\n\n{exp.markdown(summary)}{note}\n\n"
                         f"![{exp.name}]({exp.name}.png)\n")
     report = {"study": study.name, "description": study.description,
-              "workdir": os.path.abspath(workdir), "spread": SPREAD,
+              "workdir": workdir, "spread": SPREAD,
               "finished": len(results), "total": len(study.runs), "missing": missing,
               "runs": list(results.values()), "experiments": experiments}
     with open(os.path.join(out, "results.json"), "w") as f:
@@ -671,7 +671,7 @@ def write_report(study: Study, workdir: str, out: str) -> dict[str, Any]:
               f"{len(results)} of {len(study.runs)} runs finished"
               + (f"; not finished yet: {', '.join(missing)}." if missing else "."),
               f"Every number is read from `WORKDIR/<run>/summary.json` and `metrics.jsonl` "
-              f"(`{os.path.abspath(workdir)}`). Tables show the {SPREAD}; test top-1 is the "
+              f"(`{workdir}`). Tables show the {SPREAD}; test top-1 is the "
               "final evaluation of each run.", ""]
     text = "\n".join(header) + "\n" + "\n".join(sections) + "\n## Runs\n\n"
     with open(os.path.join(out, "study.md"), "w") as f:
