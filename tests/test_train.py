@@ -394,6 +394,19 @@ def test_rerunning_a_finished_run_changes_nothing(reference, tmp_path):
     assert records(workdir) == records(ref_dir)
 
 
+def test_scatter_backward_run_matches_the_gather_run(reference, tmp_path):
+    """config rpg.backward="scatter" (forward tables only) trains like the default: the same
+    first losses, then float32 summation-order differences grow (lr 0.1 on 256 images)."""
+    ref_dir, _ = reference
+    summary = train_and_evaluate(tiny_config(**{"rpg.backward": "scatter"}), str(tmp_path))
+    assert summary["step"] == 8 and not summary["preempted"]
+    got, want = records(tmp_path), records(ref_dir)
+    assert [(r["step"], kind(r)) for r in got] == [(r["step"], kind(r)) for r in want]
+    assert got[0]["step"] == 2 and kind(got[0]) == "train"
+    assert got[0]["train_loss"] == pytest.approx(want[0]["train_loss"], rel=1e-5)
+    assert_close_to_scale(saved_state(tmp_path).trainable, saved_state(ref_dir).trainable, 0.05)
+
+
 # ------------------------------------------------------------------- subprocesses
 
 
