@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import functools
 import importlib.util
+import itertools
 import json
 import logging as std_logging
 import math
@@ -603,6 +604,9 @@ def collect(study: Study, workdir: str) -> dict[str, dict[str, Any]]:
     Per run: name, tags, the final evaluation, params (ring_dof, trainable, generated,
     plain_model), steps, epochs, timings, ``eval_curve`` [(step, epoch, top1, loss)] and
     ``train_curve`` [(step, epoch, train_loss)] (the last record of a step wins).
+    ``train_seconds`` and ``images_per_sec`` of summary.json cover the run's last session;
+    ``train_seconds_all`` adds up every log window of metrics.jsonl (steps x batch size /
+    the window's images/s: training only, over all sessions of a resumed run).
     """
     results = {}
     for run in study.runs:
@@ -613,12 +617,17 @@ def collect(study: Study, workdir: str) -> dict[str, dict[str, Any]]:
         records = read_metrics(run_dir)
         evals = {r["step"]: r for r in records if "eval_top1" in r}
         logs = {r["step"]: r for r in records if "train_loss" in r}
+        steps_done = [0, *sorted(logs)]
+        train_seconds_all = sum((b - a) * run.config.batch_size / logs[b]["images_per_sec"]
+                                for a, b in itertools.pairwise(steps_done))
         results[run.name] = {
             "name": run.name,
             "tags": dict(run.tags),
             **{k: summary.get(k) for k in ("eval_top1", "eval_top5", "eval_loss", "eval_count",
                                            "step", "num_steps", "epochs", "train_seconds",
                                            "images_per_sec", "compile_seconds")},
+            "train_seconds_all": train_seconds_all,
+            "batch_size": run.config.batch_size,
             "params": summary["params"],
             "eval_curve": [[s, r["epoch"], r["eval_top1"], r["eval_loss"]]
                            for s, r in sorted(evals.items())],
@@ -629,15 +638,16 @@ def collect(study: Study, workdir: str) -> dict[str, dict[str, Any]]:
 
 def _runs_table(results: Mapping[str, dict]) -> str:
     lines = ["| run | tags | ring DoF | trainable | test top-1 % | test top-5 % | test loss | "
-             "epochs | train time (last session) | images/s |",
+             "epochs | training time | images/s |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results.values():
         tags = ", ".join(f"{k}={v}" for k, v in r["tags"].items())
-        rate = "-" if r["images_per_sec"] is None else f"{r['images_per_sec']:.0f}"
+        seconds = r["train_seconds_all"]
+        rate = f"{r['step'] * r['batch_size'] / seconds:.0f}" if seconds else "-"
         lines.append(f"| {r['name']} | {tags} | {r['params']['ring_dof']:,} | "
                      f"{r['params']['trainable']:,} | {100 * r['eval_top1']:.2f} | "
                      f"{100 * r['eval_top5']:.2f} | {r['eval_loss']:.4f} | {r['epochs']:g} | "
-                     f"{r['train_seconds'] / 60:.1f} min | {rate} |")
+                     f"{seconds / 60:.1f} min | {rate} |")
     return "\n".join(lines)
 
 
@@ -673,7 +683,9 @@ def write_report(study: Study, workdir: str, out: str) -> dict[str, Any]:
               f"Every number is read from `WORKDIR/<run>/summary.json` and `metrics.jsonl` "
               f"(`{workdir}`). Tables show the {SPREAD}; test top-1 is the "
               "final evaluation of each run.", ""]
-    text = "\n".join(header) + "\n" + "\n".join(sections) + "\n## Runs\n\n"
+    text = ("\n".join(header) + "\n" + "\n".join(sections) + "\n## Runs\n\n"
+            "Training time sums the log windows of all sessions (evaluation and checkpoints "
+            "excluded).\n\n")
     with open(os.path.join(out, "study.md"), "w") as f:
         f.write(text + _runs_table(results) + "\n")
     return report

@@ -344,6 +344,8 @@ def test_report_of_known_numbers(tmp_path):
     ])
     report = study.write_report(known, str(tmp_path), str(tmp_path / "out"))
     assert report["missing"] == ["unfinished"]
+    # Two log windows of 2 steps x batch 16 at 100 images/s: 0.64 s of training in all.
+    assert [r["train_seconds_all"] for r in report["runs"]] == [pytest.approx(0.64)] * 5
 
     # Errors 15, 9, 11, 5 % at 0, 1, 1, 2 decades above 2000: slope -5, SSres 2, SStot 52.
     sweep = experiment_named(report, "sweep")
