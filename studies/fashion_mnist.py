@@ -1,6 +1,6 @@
 """The Fashion-MNIST RPG study: ResNet-20 (and -56), 1.5 epochs per run, 26 runs.
 
-    python -m rpg_jax.study --study=studies/fashion_mnist.py --workdir=workdirs/study_fmnist \
+    python -m rpg_jax.study --study=studies/fashion_mnist.py --workdir=results/fashion_mnist/runs \
         --out=results/fashion_mnist
 
 Every run is ``configs/fashion_mnist.py`` (ResNet-20, batch 128, SGD momentum 0.9, lr 0.1
