@@ -125,7 +125,8 @@ def _params_cell(values: Sequence[int]) -> str:
 @dataclasses.dataclass(frozen=True)
 class Scaling:
     """Test error vs trainable parameters (log x) of the runs matching ``where``, with the
-    least-squares fit error(%) = a + b·log10(trainable) over the runs (not their means).
+    least-squares fit error(%) = a + b·log10(trainable) over the runs (not their means), and
+    the same fit against log10(ring DoF), the paper's DoF, when every fitted run has a ring.
     ``reference`` (label -> tag filter) adds runs drawn with their own marker, not fitted."""
 
     kind: ClassVar[str] = "scaling"
@@ -158,7 +159,11 @@ class Scaling:
                               "trainable": sorted({p["trainable"] for p in ps}),
                               "points": ps, "error_pct": _stats([p["error_pct"] for p in ps])})
         fit = fit_log_linear([p["trainable"] for p in fitted], [p["error_pct"] for p in fitted])
-        return {"points": fitted, "by_size": sizes, "reference": reference, "fit": fit}
+        with_ring = fitted if all(p["ring_dof"] > 0 for p in fitted) else []
+        fit_ring = fit_log_linear([p["ring_dof"] for p in with_ring],
+                                  [p["error_pct"] for p in with_ring])
+        return {"points": fitted, "by_size": sizes, "reference": reference, "fit": fit,
+                "fit_ring_dof": fit_ring}
 
     def markdown(self, summary: Mapping[str, Any]) -> str:
         lines = ["| runs | ring DoF | trainable | n | test error % (mean ± half range) |",
@@ -178,6 +183,11 @@ class Scaling:
                          f"{fit['intercept']:.3f} {fit['slope']:+.3f} · log10(trainable), "
                          f"R² = {_num(fit['r2'], '.4f')}; slope = {fit['slope']:+.3f} points "
                          "per decade of trainable parameters.")
+        ring = summary["fit_ring_dof"]
+        if ring["slope"] is not None:
+            lines.append(f"Against the ring DoF alone (the paper's DoF): test error (%) = "
+                         f"{ring['intercept']:.3f} {ring['slope']:+.3f} · log10(ring DoF), "
+                         f"R² = {_num(ring['r2'], '.4f')}.")
         return "\n".join(lines)
 
     def plot(self, summary: Mapping[str, Any], path: str) -> None:

@@ -352,6 +352,10 @@ def test_report_of_known_numbers(tmp_path):
     assert [p["run"] for p in sweep["points"]] == ["r3", "r4a", "r4b", "r5"]
     assert sweep["fit"] == pytest.approx({"slope": -5.0, "intercept": 15 + 5 * math.log10(2000),
                                           "r2": 1 - 2 / 52, "n": 4})
+    # fake_run's ring is trainable - 100: a slightly wider span, so a flatter ring-DoF fit.
+    assert sweep["fit_ring_dof"] == pytest.approx(
+        fit_log_linear([1900, 19900, 19900, 199900], [15.0, 9.0, 11.0, 5.0]))
+    assert -5.0 < sweep["fit_ring_dof"]["slope"] < -4.9
     assert sweep["missing"] == ["unfinished"]
     assert [(s["trainable"], s["error_pct"]["n"]) for s in sweep["by_size"]] == [
         (2000, 1), (20000, 2), (200000, 1)]
@@ -372,6 +376,7 @@ def test_report_of_known_numbers(tmp_path):
     assert "5 of 6 runs finished; not finished yet: unfinished." in text
     assert "| r4a, r4b | 19,900 | 20,000 | 2 | 10.00 ± 1.00 |" in text
     assert "-5.000 · log10(trainable), R² = 0.9615" in text
+    assert f"{sweep['fit_ring_dof']['slope']:+.3f} · log10(ring DoF)" in text
     assert "| plain | 1 | 1,000,000 | 999,900 | 96.00 ± 0.00 | +0.00 | plain |" in text
     assert "| mid | 2 | 20,000 | 19,900 | 90.00 ± 1.00 | -6.00 | r4a, r4b |" in text
     assert "| mid | 2 | 80.00 ± 1.00 | 90.00 ± 1.00 | 0.5000 ± 0.0000 | r4a, r4b |" in text
