@@ -535,9 +535,10 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 @contextlib.contextmanager
 def _stop_on_signals() -> Iterator[threading.Event]:
-    """Yields an event set by SIGTERM between runs. Ctrl-C acts as SIGTERM: during training
-    it reaches train_and_evaluate's handler (the run saves and returns preempted); a second
-    Ctrl-C interrupts at once. Outside the main thread, signals are left alone."""
+    """Yields an event set by SIGTERM, which train_and_evaluate also watches: a SIGTERM at any
+    point of a run (set-up included) saves it after its current step and stops the study.
+    Ctrl-C acts as SIGTERM; a second Ctrl-C interrupts at once. Outside the main thread,
+    signals are left alone."""
     stop = threading.Event()
     if threading.current_thread() is not threading.main_thread():
         yield stop
@@ -593,7 +594,8 @@ def run_study(study: Study, workdir: str, only: str | None = None) -> bool:
                 tqdm.write(f"[{i}/{len(runs)}] {run.name}: training into "
                            f"{os.path.join(workdir, run.name)}")
                 bar.set_description(run.name)
-                summary = train.train_and_evaluate(run.config, os.path.join(workdir, run.name))
+                summary = train.train_and_evaluate(run.config, os.path.join(workdir, run.name),
+                                                   stop=stop)
                 if summary["preempted"]:
                     tqdm.write(f"{run.name}: stopped at step {summary['step']} of "
                                f"{summary['num_steps']} (checkpoint saved)")

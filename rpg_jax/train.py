@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 from typing import Any
 
@@ -32,11 +33,19 @@ SUMMARY_FILE = "summary.json"
 
 
 class _PreemptionFlag:
-    """Turns SIGTERM into a flag the loop checks after each step (single-process runs)."""
+    """Turns SIGTERM into a flag the loop checks after each step (single-process runs).
 
-    def __init__(self):
-        self.raised = False
+    ``stop``, when given, is the flag itself: whoever else sets it (a caller's own SIGTERM
+    handler, another thread) stops the loop the same way.
+    """
+
+    def __init__(self, stop: threading.Event | None = None):
+        self._stop = stop if stop is not None else threading.Event()
         self._previous = None
+
+    @property
+    def raised(self) -> bool:
+        return self._stop.is_set()
 
     def __enter__(self):
         try:
@@ -46,7 +55,7 @@ class _PreemptionFlag:
         return self
 
     def _handle(self, signum, frame):
-        self.raised = True
+        self._stop.set()
 
     def __exit__(self, *exc):
         if self._previous is not None:
@@ -86,13 +95,15 @@ def _log_eval(step: int, metrics: dict[str, float]) -> None:
                  metrics["eval_count"])
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       stop: threading.Event | None = None) -> dict[str, Any]:
     """Trains and evaluates the model described by ``config``; resumes from ``workdir``.
 
-    Returns the summary (also written to ``WORKDIR/summary.json``). A SIGTERM at any time
-    saves a checkpoint after the current step and returns (``summary["preempted"]``).
+    Returns the summary (also written to ``WORKDIR/summary.json``). A SIGTERM at any time,
+    or ``stop`` being set (checked after every step, also if set before the call), saves a
+    checkpoint after the current step and returns (``summary["preempted"]``).
     """
-    with _PreemptionFlag() as flag:
+    with _PreemptionFlag(stop) as flag:
         return _train_and_evaluate(config, workdir, flag)
 
 

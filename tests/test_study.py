@@ -95,9 +95,9 @@ class Spy:
         self.calls: list[str] = []
         self.real = train_lib.train_and_evaluate
 
-    def __call__(self, config, workdir):
+    def __call__(self, config, workdir, stop=None):
         self.calls.append(Path(workdir).name)
-        return self.real(config, workdir)
+        return self.real(config, workdir, stop=stop)
 
     def patch(self):
         self.calls = []
@@ -206,21 +206,40 @@ def test_a_finished_run_trained_with_another_config_is_an_error(tiny):
         study.run_study(changed, str(tiny["workdir"]))
 
 
-def test_sigterm_between_runs_stops_before_the_next_run(tmp_path):
-    """A SIGTERM outside train_and_evaluate's own handler (e.g. while a run is set up or
-    reported) lets the current run finish, then stops the study."""
+def test_sigterm_after_a_run_stops_before_the_next_run(tmp_path):
+    """A SIGTERM outside train_and_evaluate's own handler (here: as a run returns) reaches
+    the study's handler: no further run starts."""
     path = write_study(tmp_path, TINY_STUDY)
     calls, before = [], signal.getsignal(signal.SIGTERM)
 
-    def finish_with_sigterm(config, workdir):
+    def finish_with_sigterm(config, workdir, stop):
         calls.append(Path(workdir).name)
         signal.raise_signal(signal.SIGTERM)  # reaches the study's handler: no train loop here
+        assert stop.is_set()
         return {"preempted": False, "eval_top1": 0.5, "step": 8, "num_steps": 8}
 
     with mock.patch.object(train_lib, "train_and_evaluate", finish_with_sigterm):
         assert not study.run_study(study.load_study(path), str(tmp_path / "work"))
     assert calls == ["rpg_s0"]
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_sigterm_before_the_train_loop_handles_it_stops_the_run_at_once(tmp_path):
+    """A SIGTERM while a run is set up, before train_and_evaluate installs its own handler,
+    still stops that run after its first step, with a checkpoint, and then the study."""
+    path = write_study(tmp_path, TINY_STUDY)
+    real = train_lib.train_and_evaluate
+
+    def sigterm_then_train(config, workdir, stop):
+        signal.raise_signal(signal.SIGTERM)
+        return real(config, workdir, stop=stop)
+
+    with mock.patch.object(train_lib, "train_and_evaluate", sigterm_then_train):
+        assert not study.run_study(study.load_study(path), str(tmp_path / "work"))
+    summary = summary_of(tmp_path / "work", "rpg_s0")
+    assert summary["preempted"] is True and summary["step"] == 1
+    assert (tmp_path / "work" / "rpg_s0" / "checkpoints" / "1").is_dir()
+    assert not (tmp_path / "work" / "rpg_s1").exists()
 
 
 # ------------------------------------------------------------------- the report of real runs
