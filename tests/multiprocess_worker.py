@@ -23,33 +23,24 @@ import time
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 
-def _pausing_bar(base, workdir: str, pause_at: int, after_checkpoint: int | None, marker: str):
-    """A tqdm subclass whose ``update`` blocks at train step ``pause_at`` (the loop updates
-    the bar once per step, after the step and before logging, even when it is hidden)."""
+def _pause(workdir: str, after_checkpoint: int | None, marker: str):
+    """An action for bar_acting_at_step: waits until checkpoint ``after_checkpoint`` is on
+    disk, writes ``marker`` and sleeps until the parent kills this process."""
     ckpt = os.path.join(workdir, "checkpoints", str(after_checkpoint))
 
-    class PausingBar(base):
-        def __init__(self, *args, initial=0, **kwargs):
-            super().__init__(*args, initial=initial, **kwargs)
-            self._step = initial
+    def pause(step: int) -> None:
+        deadline = time.monotonic() + 120
+        # Orbax saves asynchronously and renames the step folder when complete.
+        while after_checkpoint is not None and not os.path.isdir(ckpt):
+            if time.monotonic() > deadline:
+                sys.exit(f"checkpoint {ckpt} never appeared")
+            time.sleep(0.02)
+        with open(marker, "w") as f:
+            f.write(str(step))
+        time.sleep(300)  # the parent kills us here
+        sys.exit("paused worker was not killed")
 
-        def update(self, n=1):
-            out = super().update(n)
-            self._step += n
-            if self._step == pause_at:
-                deadline = time.monotonic() + 120
-                # Orbax saves asynchronously and renames the step folder when complete.
-                while after_checkpoint is not None and not os.path.isdir(ckpt):
-                    if time.monotonic() > deadline:
-                        sys.exit(f"checkpoint {ckpt} never appeared")
-                    time.sleep(0.02)
-                with open(marker, "w") as f:
-                    f.write(str(self._step))
-                time.sleep(300)  # the parent kills us here
-                sys.exit("paused worker was not killed")
-            return out
-
-    return PausingBar
+    return pause
 
 
 def main() -> None:
@@ -76,8 +67,10 @@ def main() -> None:
     from rpg_jax import train
 
     if args.pause_at_step is not None:
-        train.tqdm = _pausing_bar(train.tqdm, args.workdir, args.pause_at_step,
-                                  args.after_checkpoint, args.marker)
+        from step_hooks import bar_acting_at_step
+
+        train.tqdm = bar_acting_at_step(train.tqdm, args.pause_at_step,
+                                        _pause(args.workdir, args.after_checkpoint, args.marker))
     config = ml_collections.ConfigDict(json.loads(args.config_json))
     summary = train.train_and_evaluate(config, args.workdir)
     print("SUMMARY " + json.dumps(summary), flush=True)

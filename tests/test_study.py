@@ -26,6 +26,7 @@ from rpg_jax import experiment, study
 from rpg_jax import train as train_lib
 from rpg_jax.metrics import read_metrics
 from rpg_jax.study import Comparison, Curves, Run, Scaling, Study, fit_log_linear
+from step_hooks import bar_acting_at_step
 from tiny_config import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,26 +56,10 @@ def get_study():
 '''
 
 
-def sigint_during_step(at_step: int):
-    """A tqdm for train.py that sends Ctrl-C (SIGINT) to this process during step
-    ``at_step`` (the loop updates its bar once per step, displayed or not)."""
-    base = train_lib.tqdm
-
-    class Bar(base):
-        def __init__(self, *args, initial=0, **kwargs):
-            super().__init__(*args, initial=initial, **kwargs)
-            self._step = initial
-
-        def update(self, n=1):
-            out = super().update(n)
-            self._step += n
-            if self._step == at_step:
-                # Never interrupt the test process unless the study handles SIGINT.
-                assert signal.getsignal(signal.SIGINT) is not signal.default_int_handler
-                signal.raise_signal(signal.SIGINT)
-            return out
-
-    return Bar
+def send_ctrl_c(step: int) -> None:
+    # Never interrupt the test process unless the study handles SIGINT.
+    assert signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    signal.raise_signal(signal.SIGINT)
 
 
 def write_study(root: Path, text: str, name: str = "tiny") -> Path:
@@ -127,7 +112,8 @@ def tiny(tmp_path_factory):
     # 1. Ctrl-C during step 5 of the first run: it checkpoints, the study stops.
     seen["handlers_before"] = (signal.getsignal(signal.SIGINT),
                                signal.getsignal(signal.SIGTERM))
-    with spy.patch(), mock.patch.object(train_lib, "tqdm", sigint_during_step(5)):
+    with spy.patch(), mock.patch.object(train_lib, "tqdm",
+                                        bar_acting_at_step(train_lib.tqdm, 5, send_ctrl_c)):
         seen["stopped_exit"] = cli(*args)
     seen["stopped_calls"] = spy.calls
     seen["stopped_summary"] = summary_of(workdir, "rpg_s0")

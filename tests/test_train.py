@@ -36,6 +36,7 @@ from rpg_jax import train as train_lib
 from rpg_jax.generator import make_tables
 from rpg_jax.metrics import read_metrics
 from rpg_jax.train import train_and_evaluate
+from step_hooks import bar_acting_at_step
 from tiny_config import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -129,37 +130,20 @@ def checkpoint_steps(workdir) -> list[int]:
     return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit())
 
 
-def preempting_bar(at_step: int):
-    """A tqdm subclass that raises SIGTERM in-process during train step ``at_step``.
-
-    The loop updates its bar once per step (also when it is not displayed), right after the
-    step and before logging it, and checks the preemption flag after logging: the run stops
-    exactly at ``at_step``, as when a real SIGTERM arrives during that step.
-    """
-    base = train_lib.tqdm
-
-    class PreemptingBar(base):
-        def __init__(self, *args, initial=0, **kwargs):
-            super().__init__(*args, initial=initial, **kwargs)
-            self._step = initial
-
-        def update(self, n=1):
-            out = super().update(n)
-            self._step += n
-            if self._step == at_step:
-                handler = signal.getsignal(signal.SIGTERM)
-                # Never deliver SIGTERM to the test process without the loop's handler.
-                assert callable(handler) and handler not in (signal.SIG_DFL, signal.SIG_IGN), (
-                    f"the train loop installed no SIGTERM handler (found {handler!r})")
-                signal.raise_signal(signal.SIGTERM)
-            return out
-
-    return PreemptingBar
+def raise_sigterm(step: int) -> None:
+    """Raises SIGTERM in-process: the run stops exactly at ``step``, as when a real SIGTERM
+    arrives during that step (the loop checks its preemption flag after logging the step)."""
+    handler = signal.getsignal(signal.SIGTERM)
+    # Never deliver SIGTERM to the test process without the loop's handler.
+    assert callable(handler) and handler not in (signal.SIG_DFL, signal.SIG_IGN), (
+        f"the train loop installed no SIGTERM handler (found {handler!r})")
+    signal.raise_signal(signal.SIGTERM)
 
 
 @contextlib.contextmanager
 def sigterm_after_step(step: int):
-    with mock.patch.object(train_lib, "tqdm", preempting_bar(step)):
+    with mock.patch.object(train_lib, "tqdm",
+                           bar_acting_at_step(train_lib.tqdm, step, raise_sigterm)):
         yield
 
 
