@@ -5,7 +5,6 @@ Config fields can be overridden on the command line, e.g. ``--config.batch_size=
 """
 
 import json
-import logging as std_logging
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -18,26 +17,18 @@ _MULTIHOST = flags.DEFINE_bool("multihost", None, "Call jax.distributed.initiali
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-class _QuietLibraries(std_logging.Filter):
-    """Keeps Orbax's and grain's per-save INFO chatter out of the training log."""
-
-    def filter(self, record: std_logging.LogRecord) -> bool:
-        noisy = "/orbax/" in record.pathname or "/grain/" in record.pathname
-        return record.levelno >= std_logging.WARNING or not noisy
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.get_absl_handler().addFilter(_QuietLibraries())
     config = _CONFIG.value
     multihost = config.multihost if _MULTIHOST.value is None else _MULTIHOST.value
     import jax  # imported after flag parsing so --jax_* flags and env vars apply
 
     if multihost:
         jax.distributed.initialize()
-    from rpg_jax.train import train_and_evaluate
+    from rpg_jax.train import quiet_library_logs, train_and_evaluate
 
+    logging.get_absl_handler().addFilter(quiet_library_logs)
     logging.info("JAX %s: %d processes, %d devices (%s)", jax.__version__,
                  jax.process_count(), jax.device_count(), jax.default_backend())
     summary = train_and_evaluate(config, _WORKDIR.value)

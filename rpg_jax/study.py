@@ -21,7 +21,6 @@ import functools
 import importlib.util
 import itertools
 import json
-import logging as std_logging
 import math
 import os
 import re
@@ -778,14 +777,8 @@ def main(args) -> int:
     return 0
 
 
-def _quiet_libraries(record: std_logging.LogRecord) -> bool:
-    """Keeps Orbax's and grain's per-save INFO chatter out of the log (as train.py does)."""
-    noisy = "/orbax/" in record.pathname or "/grain/" in record.pathname
-    return record.levelno >= std_logging.WARNING or not noisy
-
-
 def _cli(args) -> None:
-    logging.get_absl_handler().addFilter(_quiet_libraries)
+    logging.get_absl_handler().addFilter(train.quiet_library_logs)
     sys.exit(main(args))
 
 

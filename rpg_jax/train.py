@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging as std_logging
 import os
 import signal
 import sys
@@ -60,6 +61,13 @@ class _PreemptionFlag:
     def __exit__(self, *exc):
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
+
+
+def quiet_library_logs(record: std_logging.LogRecord) -> bool:
+    """A logging filter that keeps Orbax's and grain's per-save INFO chatter out of the
+    training log (train.py and the study runner add it to absl's handler)."""
+    noisy = "/orbax/" in record.pathname or "/grain/" in record.pathname
+    return record.levelno >= std_logging.WARNING or not noisy
 
 
 def _interval(value: int, steps_per_epoch: int) -> int:

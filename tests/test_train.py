@@ -12,6 +12,7 @@ import collections
 import contextlib
 import functools
 import json
+import logging
 import math
 import os
 import shutil
@@ -613,6 +614,17 @@ def test_fashion_mnist_rpg_resnet20_learns(tmp_path, compile_cache):
     assert summary["eval_top1"] >= 0.80, summary
     losses = [r["train_loss"] for r in read_metrics(str(workdir)) if kind(r) == "train"]
     assert len(losses) == 4 and losses[-1] < 0.6 * losses[0]
+
+
+def test_library_chatter_is_filtered_but_warnings_and_our_logs_are_kept():
+    def record(path, level):
+        return logging.LogRecord("x", level, path, 1, "message", None, None)
+
+    keep = train_lib.quiet_library_logs
+    assert not keep(record("/site-packages/orbax/checkpoint/manager.py", logging.INFO))
+    assert not keep(record("/site-packages/grain/_src/python/dataset.py", logging.INFO))
+    assert keep(record("/site-packages/orbax/checkpoint/manager.py", logging.WARNING))
+    assert keep(record("/repo/rpg_jax/train.py", logging.INFO))
 
 
 # ------------------------------------------------------------------- bad configs
