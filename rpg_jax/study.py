@@ -26,6 +26,7 @@ import os
 import re
 import signal
 import sys
+import textwrap
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -270,7 +271,8 @@ class Comparison:
             pad = max(0.5, (max(values) - min(values)) * 0.3)
             ax.set_ylim(max(0.0, min(values) - pad), min(100.0, max(values) + pad))
         ax.set_xticks(range(len(arms)),
-                      [f"{a['label']}\n{_params_cell(a['trainable'])} params" for a in arms],
+                      [textwrap.fill(a["label"], 18) + f"\n{_params_cell(a['trainable'])} params"
+                       for a in arms],
                       fontsize=8)
         ax.set_ylabel("test top-1 (%), bars: mean ± half range, dots: runs")
         ax.set_title(self.title, fontsize=10)
