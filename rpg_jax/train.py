@@ -230,12 +230,14 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             window_start, window_steps, paused = time.perf_counter(), 0, 0.0
         if step == num_steps or flag.raised or (nproc > 1 and manager.reached_preemption(step)):
             break
+        evaluating = eval_every and step % eval_every == 0
+        saving = ckpt_every and step % ckpt_every == 0
+        if evaluating or saving:
+            # The queued train steps finish first: their time is training, not the pause's.
+            jax.block_until_ready(state)
         pause_start = time.perf_counter()
-        if eval_every and step % eval_every == 0:
-            last_eval = run_eval()
-        else:
-            last_eval = {}
-        if ckpt_every and step % ckpt_every == 0:
+        last_eval = run_eval() if evaluating else {}
+        if saving:
             checkpoints.save(manager, step, state, train_iter, exp, pending)
         paused += time.perf_counter() - pause_start
     preempted = step < num_steps

@@ -379,6 +379,27 @@ def test_rerunning_a_finished_run_changes_nothing(reference, tmp_path):
     assert records(workdir) == records(ref_dir)
 
 
+def test_train_steps_finish_before_an_eval_pause_starts(tmp_path):
+    """The time excluded from the logged images/s (eval, checkpoint) must not include queued
+    train steps: the loop waits for the state before each mid-run eval or checkpoint."""
+    events, real_ready, real_evaluate = [], jax.block_until_ready, train_lib.evaluate
+
+    def ready(x):
+        out = real_ready(x)
+        if hasattr(x, "step"):
+            events.append(("ready", int(x.step)))
+        return out
+
+    def evaluate(eval_step, state, *args):
+        events.append(("eval", int(state.step)))
+        return real_evaluate(eval_step, state, *args)
+
+    with mock.patch.object(jax, "block_until_ready", ready), \
+            mock.patch.object(train_lib, "evaluate", evaluate):
+        train_and_evaluate(tiny_config(), str(tmp_path))
+    assert events == [("ready", 4), ("eval", 4), ("eval", 8)]  # 8: after the last window
+
+
 def test_scatter_backward_run_matches_the_gather_run(reference, tmp_path):
     """config rpg.backward="scatter" (forward tables only) trains like the default: the same
     first losses, then float32 summation-order differences grow (lr 0.1 on 256 images)."""
