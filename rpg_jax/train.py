@@ -1,8 +1,9 @@
 """The training loop: ``train_and_evaluate(config, workdir)``.
 
-One ``jax.jit`` step over a 1-D ``('data',)`` mesh spanning every device of every process:
-the batch is sharded over the mesh, the state is replicated and donated. Checkpoints resume
-automatically; SIGTERM (preemption) saves and returns cleanly.
+One ``jax.jit`` step over a 1-D ``('data',)`` mesh (an ``Auto`` axis, see ``rpg_jax.sharding``)
+spanning every device of every process: the batch is sharded over the mesh, the state is
+replicated and donated. Checkpoints resume automatically; SIGTERM (preemption) saves and
+returns cleanly.
 """
 
 from __future__ import annotations
@@ -21,11 +22,9 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from rpg_jax import checkpoints, data, experiment, steps
+from rpg_jax import checkpoints, data, experiment, sharding, steps
 from rpg_jax import config as config_lib
 from rpg_jax.generator import count, make_tables
 from rpg_jax.metrics import MetricWriter, read_metrics
@@ -130,9 +129,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         saved_config, saved_spec, _ = checkpoints.read_meta(manager, latest)
         checkpoints.check_compatible(saved_config, saved_spec, config, exp.spec, latest)
 
-    mesh = jax.make_mesh((jax.device_count(),), ("data",))
-    replicated = NamedSharding(mesh, P())
-    batch_sharding = NamedSharding(mesh, P("data"))
+    mesh = sharding.data_mesh()
+    replicated, batch_sharding = sharding.replicated(mesh), sharding.batch_sharded(mesh)
 
     def to_global(batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         return jax.tree.map(

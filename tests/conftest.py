@@ -1,6 +1,8 @@
 """Test setup: 8 simulated CPU devices, fast compiles, and a --runslow switch."""
 
+import json
 import os
+import platform
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -46,3 +48,46 @@ def compile_cache(tmp_path_factory) -> Path:
     for name, value in old.items():
         jax.config.update(name, value)
     compilation_cache.reset_cache()
+
+
+# ------------------------------------------------------------------ which stack ran the tests
+
+STACK_PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain",
+                  "tensorflow-datasets", "numpy", "torch")
+
+
+def stack_versions() -> dict[str, str | None]:
+    """Python and the installed versions of the packages that define a stack (None: absent)."""
+    from importlib import metadata
+
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in STACK_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def pytest_report_header(config):
+    return "stack: " + ", ".join(f"{k} {v}" for k, v in stack_versions().items() if v)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """With RPG_JAX_STACK_REPORT=FILE, writes FILE: this stack's versions and, per test
+    module, how many tests passed, failed and were skipped (read by .ci/check_stacks.py)."""
+    path = os.environ.get("RPG_JAX_STACK_REPORT")
+    if not path:
+        return
+    modules: dict[str, dict[str, int]] = {}
+    for outcome in ("passed", "failed", "error", "skipped"):
+        for report in terminalreporter.stats.get(outcome, []):
+            nodeid = getattr(report, "nodeid", "")
+            if not nodeid:
+                continue
+            counts = modules.setdefault(nodeid.split("::")[0], {})
+            counts[outcome] = counts.get(outcome, 0) + 1
+    report = {"versions": stack_versions(), "exitstatus": int(exitstatus),
+              "runslow": bool(config.getoption("--runslow")), "modules": modules}
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1, sort_keys=True)

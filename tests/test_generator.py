@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import rpg_jax
+from rpg_jax import sharding
 from rpg_jax.index_map import _Feistel, decode, ring_tables
 from rpg_jax.spec import flatten_params, unflatten_params
 
@@ -156,8 +157,7 @@ def test_sharded_bank_on_a_mesh():
     params = toy_params()
     spec = rpg_jax.make_spec(params, 0.5)
     bank = rpg_jax.init_bank(jax.random.key(0), spec, params)
-    mesh = jax.make_mesh((jax.device_count(),), ("data",))
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    replicated = sharding.replicated(sharding.data_mesh())
     bank_r = jax.device_put(bank, replicated)
     tables = rpg_jax.make_tables(spec, replicated)
     out = jax.jit(rpg_jax.generate_params, static_argnums=1)(bank_r, spec, tables)

@@ -5,24 +5,25 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import AxisType
 
 import rpg_jax
-from rpg_jax import optim, steps
+from rpg_jax import optim, sharding, steps
 from rpg_jax.config import base_config
 
 
+@pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit], ids=str)
 @pytest.mark.parametrize("rpg", [True, False], ids=["rpg", "plain"])
-def test_step_makes_no_implicit_transfers(rpg):
+def test_step_makes_no_implicit_transfers(rpg, axis_type):
     model = rpg_jax.models.ResNet20(num_classes=10, width=0.25)
     variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)), train=False)
     spec = rpg_jax.make_spec(variables["params"], 0.5) if rpg else None
     tx = optax.chain(optax.add_decayed_weights(1e-4), optax.sgd(lambda s: 0.1 * 0.5**s, 0.9))
     trainable = (rpg_jax.init_bank(jax.random.key(1), spec, variables["params"]) if rpg
                  else variables["params"])
-    mesh = jax.make_mesh((jax.device_count(),), ("data",))
-    replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    mesh = sharding.data_mesh(axis_type=axis_type)
+    assert mesh.axis_types == (axis_type,)
+    replicated, sharded = sharding.replicated(mesh), sharding.batch_sharded(mesh)
     state = jax.device_put(steps.init_state(trainable, variables["batch_stats"], tx), replicated)
     tables = rpg_jax.make_tables(spec, replicated) if rpg else {}
     rng = np.random.default_rng(0)
@@ -42,6 +43,37 @@ def test_step_makes_no_implicit_transfers(rpg):
         jax.block_until_ready((state, metrics, sums))
     assert int(jax.device_get(state.step)) == 3
     assert float(jax.device_get(sums["count"])) == 16
+
+
+def test_cross_entropy_equals_optax_integer_labels_value_and_gradient():
+    """The one-hot form (well defined under Explicit mesh axes) is the integer-label loss."""
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(rng.normal(0, 3, (64, 10)), jnp.bfloat16)
+    labels = jnp.asarray(rng.integers(0, 10, 64), jnp.int32)
+
+    def reference(x):
+        return optax.softmax_cross_entropy_with_integer_labels(x.astype(jnp.float32), labels)
+
+    got = steps.cross_entropy(logits, labels)
+    assert got.dtype == jnp.float32 and got.shape == (64,)
+    np.testing.assert_allclose(got, reference(logits), rtol=1e-6, atol=1e-6)
+    g_got = jax.grad(lambda x: steps.cross_entropy(x, labels).mean())(logits.astype(jnp.float32))
+    g_ref = jax.grad(lambda x: reference(x).mean())(logits.astype(jnp.float32))
+    np.testing.assert_allclose(g_got, g_ref, rtol=1e-6, atol=1e-8)
+
+
+def test_data_mesh_axis_types_and_devices():
+    mesh = sharding.data_mesh()
+    assert mesh.axis_names == ("data",) and mesh.axis_types == (AxisType.Auto,)
+    assert mesh.devices.size == jax.device_count() == 8
+    sub = sharding.data_mesh(jax.devices()[:2], AxisType.Explicit)
+    assert sub.axis_types == (AxisType.Explicit,) and list(sub.devices) == jax.devices()[:2]
+    assert sharding.batch_sharded(mesh).spec == jax.sharding.PartitionSpec("data")
+    assert sharding.replicated(mesh).is_fully_replicated
+    with pytest.raises(ValueError, match="empty list"):
+        sharding.data_mesh([])
+    with pytest.raises(ValueError, match="AxisType.*'auto'"):
+        sharding.data_mesh(axis_type="auto")
 
 
 def test_scatter_backward_step_matches_gather_backward():
