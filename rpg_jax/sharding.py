@@ -6,8 +6,7 @@ jax 0.12 rejects the scatter in the gradient of ``optax.softmax_cross_entropy_wi
 on a batch-sharded input, which jax 0.10 accepted). The train loop runs models and losses that
 users bring, so its ``('data',)`` axis is ``Auto``: the step is written as a single-device
 program and XLA's sharding propagation partitions its batch dimension, as in the Flax ImageNet
-example and big_vision. rpg_jax's own step is also well defined under ``Explicit`` axes (tested
-on both), for users who put it into an explicitly sharded program of their own.
+example and big_vision.
 """
 
 from __future__ import annotations

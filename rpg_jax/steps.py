@@ -45,15 +45,7 @@ def normalize(images: jax.Array, mean: Sequence[float], std: Sequence[float],
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Per-example softmax cross entropy against integer labels, in float32.
-
-    Written with one-hot targets (as the Flax ImageNet example does): elementwise ops and a
-    reduction, well defined under every mesh axis type. The integer-label form's gradient is
-    a scatter that jax >= 0.12 rejects on a batch sharded over an ``Explicit`` axis.
-    """
-    logits = logits.astype(jnp.float32)
-    return optax.softmax_cross_entropy(logits, jax.nn.one_hot(labels, logits.shape[-1],
-                                                              dtype=logits.dtype))
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
 
 
 def make_train_step(
