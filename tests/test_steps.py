@@ -12,17 +12,15 @@ from rpg_jax import optim, sharding, steps
 from rpg_jax.config import base_config
 
 
-@pytest.mark.parametrize("axis_type", [AxisType.Auto], ids=str)
 @pytest.mark.parametrize("rpg", [True, False], ids=["rpg", "plain"])
-def test_step_makes_no_implicit_transfers(rpg, axis_type):
+def test_step_makes_no_implicit_transfers(rpg):
     model = rpg_jax.models.ResNet20(num_classes=10, width=0.25)
     variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)), train=False)
     spec = rpg_jax.make_spec(variables["params"], 0.5) if rpg else None
     tx = optax.chain(optax.add_decayed_weights(1e-4), optax.sgd(lambda s: 0.1 * 0.5**s, 0.9))
     trainable = (rpg_jax.init_bank(jax.random.key(1), spec, variables["params"]) if rpg
                  else variables["params"])
-    mesh = sharding.data_mesh(axis_type=axis_type)
-    assert mesh.axis_types == (axis_type,)
+    mesh = sharding.data_mesh()
     replicated, sharded = sharding.replicated(mesh), sharding.batch_sharded(mesh)
     state = jax.device_put(steps.init_state(trainable, variables["batch_stats"], tx), replicated)
     tables = rpg_jax.make_tables(spec, replicated) if rpg else {}
