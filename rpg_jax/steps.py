@@ -45,7 +45,9 @@ def normalize(images: jax.Array, mean: Sequence[float], std: Sequence[float],
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+    """Per-example softmax cross entropy, computed in at least float32 (bf16 logits upcast)."""
+    dtype = jnp.promote_types(logits.dtype, jnp.float32)
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(dtype), labels)
 
 
 def make_train_step(

@@ -109,7 +109,8 @@ class ResNet(nn.Module):
     ``stem="imagenet"``: 7x7/2 conv + BN + ReLU + 3x3/2 max-pool.
     ``stem="cifar"``: 3x3/1 conv + BN + ReLU, no pooling.
     Stage ``i`` has ``stage_sizes[i]`` blocks of ``stage_widths[i] * width`` planes; the first
-    stage has stride 1, the others stride 2. Logits are returned as float32.
+    stage has stride 1, the others stride 2. Pooling and logits are float32 (float64 when
+    ``dtype`` is float64).
     """
 
     block_cls: type[_Block] = BasicBlock
@@ -143,9 +144,10 @@ class ResNet(nn.Module):
                     zero_init_residual=self.zero_init_residual,
                     name=f"layer{i + 1}_{j}",
                 )(x, train)
-        x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+        wide = jnp.promote_types(self.dtype, jnp.float32)  # bf16 -> f32, f64 stays
+        x = jnp.mean(x.astype(wide), axis=(1, 2))
         x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32, name="fc")(x)
-        return x.astype(jnp.float32)
+        return x.astype(wide)
 
 
 class ResNet18(ResNet):
