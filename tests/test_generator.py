@@ -95,6 +95,30 @@ def test_resnet18_even_sampling_and_init_std(resnet18):
         assert abs(float(np.std(flat[leaf.path])) / target - 1) < 0.05, leaf.name
 
 
+def digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:32]
+
+
+def test_resnet18_golden_paper_rule(resnet18):
+    """The paper's rule for ResNets is frozen: same tables, leaf layout (offsets and
+    c_i = sqrt(4608 / fan_out)), ring init and generated values as when it was pinned."""
+    _, shapes, spec = resnet18
+    forward, _ = rpg_jax.host_tables(spec, inverse=False)["ring"]
+    assert digest(forward.astype("<i4").tobytes()) == "c17d2ab3812a4dc58384e99b85f61495"
+    layout = repr([(leaf.name, leaf.offset, leaf.scale) for leaf in spec.generated])
+    assert digest(layout.encode()) == "42b620d5eddc8e8876f4ead5c25d5944"
+    assert spec.ring_std == math.sqrt(2 / 4608)
+    params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["params"])
+    bank = rpg_jax.init_bank(jax.random.key(1), spec, params)
+    ring = np.asarray(bank["rings"]["ring"])
+    assert digest(ring.astype("<f4").tobytes()) == "734ecac8ea575a772b3fde63b32636fe"
+    fixed = ((np.arange(2_359_296) % 1999) - 999).astype(np.float32) / 1024
+    bank["rings"]["ring"] = jnp.asarray(fixed)
+    generated = jax.tree.leaves(rpg_jax.materialize(bank, spec))
+    values = b"".join(np.asarray(x).astype("<f4").tobytes() for x in generated)
+    assert digest(values) == "9c2540ac82cad1207be33994b577549d"
+
+
 def test_resnet18_forward_with_generated_params(resnet18):
     model, _, spec = resnet18
     images = jax.random.normal(jax.random.key(2), (2, 64, 64, 3))
