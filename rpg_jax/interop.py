@@ -1,16 +1,21 @@
 """Import of the authors' PyTorch RPG ResNet checkpoints (see ``load_reference_checkpoint``).
 
-The reference checkpoint is a PyTorch state_dict (``<name>.pth.tar``, key ``state_dict``,
-keys possibly prefixed ``module.``) holding the ring ``mem.w`` and every free parameter,
-plus two pickled NumPy object arrays ``<name>p_idxs.npy`` / ``<name>b_masks.npy`` with the
-index and +1/-1 mask vector of each generated block conv, in registration order (per block:
-the projection's 1x1 conv, then ``conv1``, then ``conv2``). Index vectors address the kernel
-flattened in PyTorch OIHW order; they are re-ordered to the Flax HWIO layout here and kept,
-encoded, in an "explicit" spec (``rpg_jax.spec.spec_from_tables``).
+Their ``main.py`` saves ``<savename>.pth.tar``: a dict ``{epoch, arch, state_dict,
+best_acc1, optimizer}`` whose state_dict (keys prefixed ``module.``, DataParallel) holds the
+ring ``mem.w`` and every free parameter. The ring module is an attribute of every generated
+conv too, so the ring appears again as ``<conv>.mem.w`` (e.g. ``layer1.0.conv1.mem.w``)
+once per generated conv. Two pickled NumPy object arrays ``<savename>p_idxs.npy`` /
+``<savename>b_masks.npy`` hold the index and +1/-1 mask vector of each generated block conv,
+in registration order (per block: the projection's 1x1 conv, then ``conv1``, then
+``conv2``). Index vectors address the kernel flattened in PyTorch OIHW order; they are
+re-ordered to the Flax HWIO layout here and kept, encoded, in an "explicit" spec
+(``rpg_jax.spec.spec_from_tables``).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -32,6 +37,7 @@ Path = tuple[str, ...]
 REFERENCE_ARCHS: tuple[str, ...] = ("resnet18", "resnet34")
 
 _RING_KEY = "mem.w"
+_PTH_NAME = re.compile(r"(.*?)\.pth\.tar(?:best\.pth\.tar)?", re.DOTALL)
 _IGNORED_SUFFIXES = (".num_batches_tracked",)
 _BLOCK = re.compile(r"layer(\d+)_(\d+)")
 _SUBMODULE = {"downsample_conv": "downsample.0", "downsample_bn": "downsample.1"}
@@ -134,7 +140,21 @@ def _copy(key: str, value: Any, shape: tuple[int, ...]) -> np.ndarray:
     return x
 
 
-def _load_state_dict(pth_path: str) -> tuple[dict[str, Any], int]:
+def _check_alias(key: str, value: Any, ring: np.ndarray) -> None:
+    """A ring copy under a generated conv (``<conv>.mem.w``) must equal ``mem.w``."""
+    alias = np.asarray(_to_numpy(value), np.float32).ravel()
+    if alias.shape != ring.shape:
+        detail = f"{alias.size} entries, the ring has {ring.size}"
+    elif not np.array_equal(alias, ring, equal_nan=True):
+        detail = f"max |difference| {float(np.nanmax(np.abs(alias - ring))):.3g}"
+    else:
+        return
+    raise ValueError(f"state_dict[{key!r}] differs from the ring {_RING_KEY!r} ({detail}); "
+                     "the reference code saves the one shared ring under every generated conv")
+
+
+def _read_pth(pth_path: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(state_dict without ``module.``, {epoch, arch, best_acc1} as far as the file has them)."""
     try:
         import torch
     except ImportError as e:
@@ -144,36 +164,73 @@ def _load_state_dict(pth_path: str) -> tuple[dict[str, Any], int]:
     if not isinstance(loaded, Mapping):
         raise ValueError(f"{pth_path}: expected a dict or a state_dict, got "
                          f"{type(loaded).__name__}")
-    step = 0
+    meta: dict[str, Any] = {}
     state = loaded
     if "state_dict" in loaded:
         state = loaded["state_dict"]
         if "epoch" in loaded:
-            step = int(loaded["epoch"])
+            meta["epoch"] = int(loaded["epoch"])
+        if "arch" in loaded:
+            meta["arch"] = str(loaded["arch"])
+        if "best_acc1" in loaded:
+            meta["best_acc1"] = float(_to_numpy(loaded["best_acc1"]).item())
     state = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
-    return state, step
+    return state, meta
 
 
-def load_reference_checkpoint(pth_path: str, p_idxs_path: str, b_masks_path: str,
-                              arch: str = "resnet18",
-                              num_classes: int | None = None) -> Checkpoint:
-    """Loads the authors' PyTorch RPG ResNet18/34 checkpoint as an RPG ``Checkpoint``.
+def reference_paths(pth_path: str | os.PathLike) -> tuple[str, str]:
+    """The side files (``<savename>p_idxs.npy``, ``<savename>b_masks.npy``) of a checkpoint
+    ``<savename>.pth.tar`` or of its best copy ``<savename>.pth.tarbest.pth.tar``."""
+    match = _PTH_NAME.fullmatch(os.fspath(pth_path))
+    if match is None:
+        raise ValueError(f"{os.fspath(pth_path)!r} is not named <savename>.pth.tar: pass "
+                         "p_idxs_path and b_masks_path")
+    return f"{match[1]}p_idxs.npy", f"{match[1]}b_masks.npy"
+
+
+@dataclasses.dataclass
+class ReferenceCheckpoint(Checkpoint):
+    """A ``Checkpoint`` imported from the reference code, with the file's training record."""
+
+    epoch: int | None = None  # the file's epoch count (None for a bare state_dict)
+    best_acc1: float | None = None  # the file's best top-1 accuracy, percent
+
+
+def load_reference_checkpoint(pth_path: str | os.PathLike,
+                              p_idxs_path: str | os.PathLike | None = None,
+                              b_masks_path: str | os.PathLike | None = None,
+                              arch: str | None = None,
+                              num_classes: int | None = None) -> ReferenceCheckpoint:
+    """Loads the authors' PyTorch RPG ResNet18/34 checkpoint as a ``ReferenceCheckpoint``.
 
     Args:
-      pth_path: the ``<name>.pth.tar`` file (a dict with ``state_dict``, or a state_dict).
-      p_idxs_path: ``<name>p_idxs.npy``, the index vector of every generated conv.
-      b_masks_path: ``<name>b_masks.npy``, the +1/-1 mask vector of every generated conv.
-      arch: "resnet18" or "resnet34".
+      pth_path: the ``<savename>.pth.tar`` file (their dict with ``state_dict``, or a bare
+        state_dict).
+      p_idxs_path: ``<savename>p_idxs.npy``, the index vector of every generated conv;
+        derived from ``pth_path`` when None.
+      b_masks_path: ``<savename>b_masks.npy``, the +1/-1 mask vector (int or float) of every
+        generated conv; derived from ``pth_path`` when None.
+      arch: "resnet18" or "resnet34"; None takes the file's ``arch`` (resnet18 if it has none).
       num_classes: classifier size; read from ``fc.weight`` when None.
 
-    Returns a ``Checkpoint`` with one ring "ring" (``mem.w``), an explicit spec holding the
-    imported tables, the BN running statistics, and ImageNet dataset info. Raises ValueError,
-    naming the layer, when the files disagree with the architecture.
+    The ring copies under the generated convs (``<conv>.mem.w``) must equal ``mem.w``; the
+    ring may be larger than the generated weights (entries no conv reads stay unused).
+    Returns one ring "ring" (``mem.w``), an explicit spec holding the imported tables, the BN
+    running statistics and ImageNet dataset info. ``epoch`` is the file's ``epoch``, a count
+    of epochs, not of steps, and ``best_acc1`` its best top-1; ``step`` is 0, as the file
+    records no optimizer steps. Raises ValueError, naming the layer or key, when the files
+    disagree with the architecture or with each other.
     """
-    key = arch.strip().lower()
+    state, meta = _read_pth(os.fspath(pth_path))
+    name = arch if arch is not None else meta.get("arch", "resnet18")
+    key = name.strip().lower()
     if key not in REFERENCE_ARCHS:
-        raise ValueError(f"arch={arch!r} is not supported; valid: {', '.join(REFERENCE_ARCHS)}")
-    state, step = _load_state_dict(pth_path)
+        where = f"arch={arch!r}" if arch is not None else f"the checkpoint's arch {name!r}"
+        raise ValueError(f"{where} is not supported; valid: {', '.join(REFERENCE_ARCHS)}")
+    if p_idxs_path is None or b_masks_path is None:
+        derived = reference_paths(pth_path)
+        p_idxs_path = derived[0] if p_idxs_path is None else p_idxs_path
+        b_masks_path = derived[1] if b_masks_path is None else b_masks_path
     if _RING_KEY not in state:
         raise ValueError(f"state_dict has no ring {_RING_KEY!r} (keys: {sorted(state)[:8]}...)")
     ring = _to_numpy(state[_RING_KEY]).astype(np.float32).ravel()
@@ -191,8 +248,8 @@ def load_reference_checkpoint(pth_path: str, p_idxs_path: str, b_masks_path: str
     masks = _entries(np.load(b_masks_path, allow_pickle=True))
     order = _registration_order(shapes["params"])
     if len(indices) != len(masks):
-        raise ValueError(f"{p_idxs_path} holds {len(indices)} index vectors but "
-                         f"{b_masks_path} holds {len(masks)} mask vectors")
+        raise ValueError(f"{os.fspath(p_idxs_path)} holds {len(indices)} index vectors but "
+                         f"{os.fspath(b_masks_path)} holds {len(masks)} mask vectors")
     count_note = ("" if len(indices) == len(order) else
                   f" (the files hold {len(indices)} tables, {key} has {len(order)} generated "
                   "convs)")
@@ -209,8 +266,15 @@ def load_reference_checkpoint(pth_path: str, p_idxs_path: str, b_masks_path: str
     spec = spec_from_tables(shapes["params"], ring_size=int(ring.size), leaf_tables=tables,
                             ring_fan=REFERENCE_FAN)
 
-    # Free params and BN statistics, copied from the state_dict.
+    # The ring's copies under the generated convs; any other key ending in mem.w is unexpected.
     used = {_RING_KEY}
+    for path, _ in order:
+        alias = f"{_torch_module(path[:-1])}.{_RING_KEY}"
+        if alias in state:
+            _check_alias(alias, state[alias], ring)
+            used.add(alias)
+
+    # Free params and BN statistics, copied from the state_dict.
     trees = {}
     for collection in ("params", "batch_stats"):
         pairs = []
@@ -239,5 +303,6 @@ def load_reference_checkpoint(pth_path: str, p_idxs_path: str, b_masks_path: str
         mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), num_train=1281167,
         num_eval=50000, train_split="train", eval_split="validation")
     bank = {"rings": {"ring": jnp.asarray(ring)}, "free": trees["params"]}
-    return Checkpoint(bank=bank, spec=spec, batch_stats=trees["batch_stats"], config=config,
-                      step=step, model=model, info=info)
+    return ReferenceCheckpoint(bank=bank, spec=spec, batch_stats=trees["batch_stats"],
+                               config=config, step=0, model=model, info=info,
+                               epoch=meta.get("epoch"), best_acc1=meta.get("best_acc1"))

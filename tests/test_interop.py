@@ -1,13 +1,12 @@
 """Tests for rpg_jax.interop: importing the authors' PyTorch RPG ResNet checkpoints.
 
-A small PyTorch re-implementation of the reference RPG ResNet (torchvision-style BasicBlock
-ResNet whose block convs are generated from a ring ``mem.w``) writes a checkpoint in the
-reference format; the imported Flax model must reproduce its eval-mode logits.
+``reference_format`` rebuilds the reference RPG ResNet in PyTorch (the ring a submodule of
+every generated conv) and writes its files as the authors' code does; the imported Flax
+model must reproduce its eval-mode logits.
 """
 
 from __future__ import annotations
 
-import math
 import re
 import sys
 
@@ -17,148 +16,28 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-F = torch.nn.functional
+
+from reference_format import (  # noqa: E402
+    RING_FAN,
+    RPGConv2d,
+    TorchResNet,
+    build_reference,
+    object_array,
+    randomise_bn,
+)
 
 from rpg_jax import data, steps  # noqa: E402
-from rpg_jax.generator import generate_params  # noqa: E402
-from rpg_jax.interop import load_reference_checkpoint  # noqa: E402
+from rpg_jax.interop import (  # noqa: E402
+    ReferenceCheckpoint,
+    load_reference_checkpoint,
+    reference_paths,
+)
 from rpg_jax.models import get_model  # noqa: E402
 
-TOL = 1e-4
-RING_FAN = 4608
-STAGES = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3)}
-WIDTHS = (64, 128, 256, 512)
-
-
-# ----------------------------------------------------------------------------- reference model
-
-
-class Mem(torch.nn.Module):
-    """The shared ring (state_dict key ``mem.w``)."""
-
-    def __init__(self, size: int):
-        super().__init__()
-        self.w = torch.nn.Parameter(torch.randn(size) * math.sqrt(2.0 / RING_FAN))
-
-
-class RPGConv2d(torch.nn.Module):
-    """A conv whose kernel is (c * mask * w[idx]).reshape(O, I, kh, kw); no own parameters."""
-
-    def __init__(self, mem: Mem, cin: int, cout: int, k: int, stride: int, registry: list):
-        super().__init__()
-        self._mem = [mem]  # a plain list: the ring is not a submodule (no duplicate keys)
-        self.shape = (cout, cin, k, k)
-        self.stride, self.pad = stride, (k - 1) // 2
-        self.c = math.sqrt(RING_FAN / (cout * k * k))
-        self.idx = self.mask = None  # set by assign_tables, not saved in the state_dict
-        registry.append(self)
-
-    def forward(self, x):
-        kernel = (self.c * self.mask * self._mem[0].w[self.idx]).reshape(self.shape)
-        return F.conv2d(x, kernel, stride=self.stride, padding=self.pad)
-
-
-def plain_conv(cin: int, cout: int, k: int, stride: int):
-    return torch.nn.Conv2d(cin, cout, k, stride, padding=(k - 1) // 2, bias=False)
-
-
-class Block(torch.nn.Module):
-    """torchvision BasicBlock; the projection is built first (reference registration order)."""
-
-    def __init__(self, cin: int, planes: int, stride: int, conv):
-        super().__init__()
-        self.downsample = None
-        if stride != 1 or cin != planes:
-            self.downsample = torch.nn.Sequential(conv(cin, planes, 1, stride),
-                                                  torch.nn.BatchNorm2d(planes))
-        self.conv1 = conv(cin, planes, 3, stride)
-        self.bn1 = torch.nn.BatchNorm2d(planes)
-        self.conv2 = conv(planes, planes, 3, 1)
-        self.bn2 = torch.nn.BatchNorm2d(planes)
-
-    def forward(self, x):
-        y = F.relu(self.bn1(self.conv1(x)))
-        y = self.bn2(self.conv2(y))
-        return F.relu(y + (x if self.downsample is None else self.downsample(x)))
-
-
-class TorchResNet(torch.nn.Module):
-    """torchvision-style ResNet18/34; block convs generated from ``mem`` when ring_size."""
-
-    def __init__(self, arch: str, num_classes: int, ring_size: int | None = None):
-        super().__init__()
-        self.registry: list[RPGConv2d] = []
-        if ring_size is not None:
-            self.mem = Mem(ring_size)
-            conv = lambda *a: RPGConv2d(self.mem, *a, self.registry)
-        else:
-            conv = plain_conv
-        self.conv1 = torch.nn.Conv2d(3, 64, 7, 2, padding=3, bias=False)
-        self.bn1 = torch.nn.BatchNorm2d(64)
-        cin = 64
-        for s, (n, planes) in enumerate(zip(STAGES[arch], WIDTHS, strict=True)):
-            blocks = []
-            for b in range(n):
-                blocks.append(Block(cin, planes, 2 if (s > 0 and b == 0) else 1, conv))
-                cin = planes
-            setattr(self, f"layer{s + 1}", torch.nn.Sequential(*blocks))
-        self.fc = torch.nn.Linear(512, num_classes)
-
-    def forward(self, x):
-        x = F.relu(self.bn1(self.conv1(x)))
-        x = F.max_pool2d(x, 3, 2, padding=1)
-        for s in range(1, 5):
-            x = getattr(self, f"layer{s}")(x)
-        return self.fc(x.mean(dim=(2, 3)))
-
-
-def randomise_bn(model: torch.nn.Module, gen: torch.Generator) -> None:
-    """Non-trivial BN affine parameters and running statistics."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                n = m.num_features
-                m.weight.copy_(0.5 + torch.rand(n, generator=gen))
-                m.bias.copy_(0.2 * torch.randn(n, generator=gen))
-                m.running_mean.copy_(0.2 * torch.randn(n, generator=gen))
-                m.running_var.copy_(0.5 + 1.5 * torch.rand(n, generator=gen))
-
-
-def assign_tables(model: TorchResNet, rng: np.random.Generator) -> tuple[list, list]:
-    """Evenly sampled ring indices and random +1/-1 masks, one pair per generated conv."""
-    sizes = [math.prod(conv.shape) for conv in model.registry]
-    ring = model.mem.w.numel()
-    flat = rng.permutation(sum(sizes)) % ring  # every entry used floor(T/N) or ceil(T/N) times
-    idxs, masks = [], []
-    for conv, piece in zip(model.registry, np.split(flat, np.cumsum(sizes)[:-1]), strict=True):
-        mask = rng.choice(np.array([-1.0, 1.0], np.float32), size=piece.size)
-        conv.idx, conv.mask = torch.from_numpy(piece.astype(np.int64)), torch.from_numpy(mask)
-        idxs.append(piece.astype(np.int64))
-        masks.append(mask)
-    return idxs, masks
-
-
-def save_object_array(path, entries: list) -> None:
-    array = np.empty(len(entries), dtype=object)
-    array[:] = entries
-    np.save(path, array, allow_pickle=True)
-
-
-def make_reference(tmp_path, arch: str, num_classes: int, ring_size: int, seed: int):
-    """A reference RPG model and its checkpoint files: (model, pth, p_idxs, b_masks, idxs,
-    masks)."""
-    torch.manual_seed(seed)
-    model = TorchResNet(arch, num_classes, ring_size)
-    randomise_bn(model, torch.Generator().manual_seed(seed))
-    idxs, masks = assign_tables(model, np.random.default_rng(seed))
-    model.eval()
-    state = {f"module.{k}": v for k, v in model.state_dict().items()}
-    pth = tmp_path / "x.pth.tar"
-    torch.save({"epoch": 7, "state_dict": state}, pth)
-    p_idxs, b_masks = tmp_path / "xp_idxs.npy", tmp_path / "xb_masks.npy"
-    save_object_array(p_idxs, idxs)
-    save_object_array(b_masks, masks)
-    return model, pth, p_idxs, b_masks, idxs, masks
+TOL = 1e-4  # max |logit difference| relative to the logit scale
+RING18 = 11 * RING_FAN  # their ring sizes are multiples of 4608
+MAIN_PY_RING = 2422 * RING_FAN  # their main.py default: more than ResNet18's generated weights
+RESNET18_GENERATED = 11_157_504
 
 
 def torch_logits(model: torch.nn.Module, x_nhwc: np.ndarray) -> np.ndarray:
@@ -167,15 +46,24 @@ def torch_logits(model: torch.nn.Module, x_nhwc: np.ndarray) -> np.ndarray:
 
 
 def flax_logits(ckpt, x_nhwc: np.ndarray) -> np.ndarray:
-    variables = {"params": generate_params(ckpt.bank, ckpt.spec),
-                 "batch_stats": ckpt.batch_stats}
-    return np.asarray(ckpt.model.apply(variables, jnp.asarray(x_nhwc), train=False))
+    apply = jax.jit(lambda params, batch_stats, x: ckpt.model.apply(
+        {"params": params, "batch_stats": batch_stats}, x, train=False))
+    return np.asarray(apply(ckpt.params, ckpt.batch_stats, jnp.asarray(x_nhwc)))
 
 
 def report(name: str, got: np.ndarray, want: np.ndarray) -> float:
-    diff = float(np.max(np.abs(got - want)))
-    print(f"{name}: max |logit diff| = {diff:.3g} (max |logit| = {np.max(np.abs(want)):.3g})")
-    return diff
+    """Prints and returns the max |logit difference| relative to the logit scale."""
+    diff, scale = float(np.max(np.abs(got - want))), float(np.max(np.abs(want)))
+    print(f"{name}: max |logit diff| = {diff:.3g} (max |logit| = {scale:.3g})")
+    return diff / max(scale, 1.0)
+
+
+def files(savename) -> tuple[str, str, str]:
+    return f"{savename}.pth.tar", f"{savename}p_idxs.npy", f"{savename}b_masks.npy"
+
+
+def ring_keys(state: dict) -> list[str]:
+    return [k for k in state if k.endswith("mem.w")]
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -183,11 +71,37 @@ def report(name: str, got: np.ndarray, want: np.ndarray) -> float:
 
 @pytest.fixture(scope="module")
 def ref18(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("ref18")
-    model, pth, p_idxs, b_masks, idxs, masks = make_reference(tmp, "resnet18", 10, 50_000, 0)
-    ckpt = load_reference_checkpoint(str(pth), str(p_idxs), str(b_masks), arch="resnet18")
-    return dict(model=model, pth=pth, p_idxs=p_idxs, b_masks=b_masks, idxs=idxs, masks=masks,
-                ckpt=ckpt, dir=tmp)
+    savename = str(tmp_path_factory.mktemp("ref18") / "rpg18")
+    model = build_reference(savename, "resnet18", 10, RING18, seed=0)
+    pth, p_idxs, b_masks = files(savename)
+    ckpt = load_reference_checkpoint(pth)  # side files and arch found from the checkpoint
+    return dict(model=model, pth=pth, p_idxs=p_idxs, b_masks=b_masks, ckpt=ckpt,
+                idxs=list(model.mem.p_idxs), masks=list(model.mem.b_masks))
+
+
+# ----------------------------------------------------------------------------- the format
+
+
+def test_fixture_writes_the_reference_format(ref18):
+    """The files are those of the authors' code: dict, module. keys, ring aliases, tables."""
+    loaded = torch.load(ref18["pth"], weights_only=False)
+    assert set(loaded) == {"epoch", "arch", "state_dict", "best_acc1", "optimizer"}
+    assert loaded["arch"] == "resnet18" and isinstance(loaded["best_acc1"], torch.Tensor)
+    state = loaded["state_dict"]
+    assert all(k.startswith("module.") for k in state)
+    rings = ring_keys(state)
+    assert len(rings) == 20  # mem.w + 19 generated convs
+    assert {"module.mem.w", "module.layer1.0.conv1.mem.w",
+            "module.layer2.0.downsample.0.mem.w"} <= set(rings)
+    assert all(torch.equal(state[k], state["module.mem.w"]) for k in rings)
+    assert "module.layer1.0.conv1.weight" not in state
+    idxs = np.load(ref18["p_idxs"], allow_pickle=True)
+    masks = np.load(ref18["b_masks"], allow_pickle=True)
+    assert idxs.dtype == object and idxs.shape == (19,) and masks.shape == (19,)
+    assert [i.size for i in idxs[3:6]] == [64 * 64 * 9, 128 * 64, 128 * 64 * 9]  # ds first
+    assert {i.dtype for i in idxs} == {m.dtype for m in masks} == {np.dtype(np.int64)}
+    assert set(np.unique(np.concatenate(list(masks)))) == {-1, 1}
+    assert sum(i.size for i in idxs) == RESNET18_GENERATED
 
 
 # ----------------------------------------------------------------------------- equivalence
@@ -195,11 +109,12 @@ def ref18(tmp_path_factory):
 
 def test_resnet18_logits_match_reference(ref18):
     ckpt = ref18["ckpt"]
-    assert ckpt.step == 7
+    assert isinstance(ckpt, ReferenceCheckpoint)
+    assert ckpt.epoch == 7 and ckpt.step == 0 and ckpt.best_acc1 == 61.25
     assert ckpt.info.name == "imagenet2012" and ckpt.info.num_classes == 10
-    assert ckpt.config.model == "resnet18" and ckpt.config.rpg.ring_size == 50_000.0
-    assert ckpt.spec.rings[0].size == 50_000
-    assert ckpt.spec.rings[0].length == sum(i.size for i in ref18["idxs"])
+    assert ckpt.config.model == "resnet18" and ckpt.config.rpg.ring_size == float(RING18)
+    assert ckpt.spec.rings[0].size == RING18
+    assert ckpt.spec.rings[0].length == RESNET18_GENERATED
     x = np.random.default_rng(1).normal(size=(2, 64, 64, 3)).astype(np.float32)
     want = torch_logits(ref18["model"], x)
     got = flax_logits(ckpt, x)
@@ -209,14 +124,13 @@ def test_resnet18_logits_match_reference(ref18):
 
 def test_generated_kernels_match_reference(ref18):
     """Every generated kernel equals the reference kernel, transposed OIHW -> HWIO."""
-    params = generate_params(ref18["ckpt"].bank, ref18["ckpt"].spec)
+    params = ref18["ckpt"].params
     for name, module in ref18["model"].named_modules():
         if isinstance(module, RPGConv2d):
             layer, rest = re.fullmatch(r"layer(\d+\.\d+)\.(.*)", name).groups()
             flax_name = {"downsample.0": "downsample_conv"}.get(rest, rest)
             with torch.no_grad():
-                want = (module.c * module.mask * module._mem[0].w[module.idx]).reshape(
-                    module.shape).numpy().transpose(2, 3, 1, 0)
+                want = module.kernel().numpy().transpose(2, 3, 1, 0)
             got = np.asarray(params[f"layer{layer.replace('.', '_')}"][flax_name]["kernel"])
             np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7, err_msg=name)
 
@@ -233,13 +147,38 @@ def test_predict_runs_imagenet_preprocessing(ref18):
     assert report("resnet18 RPG predict 224x224", logits, torch_logits(ref18["model"], x)) <= TOL
 
 
+@pytest.mark.slow
 def test_resnet34_logits_match_reference(tmp_path):
-    model, pth, p_idxs, b_masks, _, _ = make_reference(tmp_path, "resnet34", 5, 20_000, 3)
-    ckpt = load_reference_checkpoint(str(pth), str(p_idxs), str(b_masks), arch="ResNet34")
+    savename = str(tmp_path / "rpg34")
+    model = build_reference(savename, "resnet34", 5, 5 * RING_FAN, seed=3, epoch=90)
+    pth, p_idxs, b_masks = files(savename)
+    assert len(ring_keys(torch.load(pth, weights_only=False)["state_dict"])) == 36
+    ckpt = load_reference_checkpoint(pth, p_idxs, b_masks)  # arch "resnet34" from the file
+    assert ckpt.config.model == "resnet34" and ckpt.epoch == 90
     x = np.random.default_rng(4).normal(size=(1, 32, 32, 3)).astype(np.float32)
     got = flax_logits(ckpt, x)
     assert got.shape == (1, 5)
     assert report("resnet34 RPG 32x32", got, torch_logits(model, x)) <= TOL
+    # The wrong architecture: ResNet18's p_idxs[4] is layer2.0's projection.
+    with pytest.raises(ValueError, match=r"layer2\.0\.downsample\.0 \(p_idxs\[4\]\): expected "
+                                         r"8192 index entries.*got 36864.*35 tables.*19 "
+                                         r"generated"):
+        load_reference_checkpoint(pth, p_idxs, b_masks, arch="resnet18")
+
+
+@pytest.mark.slow
+def test_ring_larger_than_generated_weights(tmp_path):
+    """Their main.py default ring (11,160,576 entries) exceeds ResNet18's generated weights:
+    every weight reads its own entry and 3072 entries are read by none."""
+    savename = str(tmp_path / "main_py")
+    model = build_reference(savename, "resnet18", 1000, MAIN_PY_RING, seed=8)
+    assert len(set(np.concatenate(model.mem.p_idxs))) == RESNET18_GENERATED
+    ckpt = load_reference_checkpoint(f"{savename}.pth.tar")
+    ring = ckpt.spec.rings[0]
+    assert (ring.size, ring.length) == (MAIN_PY_RING, RESNET18_GENERATED)
+    x = np.random.default_rng(9).normal(size=(1, 32, 32, 3)).astype(np.float32)
+    assert report("resnet18 RPG, ring > generated", flax_logits(ckpt, x),
+                  torch_logits(model, x)) <= TOL
 
 
 def _flax_name_to_torch(path: tuple[str, ...], collection: str) -> str:
@@ -287,13 +226,21 @@ def test_plain_resnet18_matches_torchvision_style():
 
 def _load_with(ref18, tmp_path, idxs, masks, arch="resnet18"):
     p, b = tmp_path / "yp_idxs.npy", tmp_path / "yb_masks.npy"
-    save_object_array(p, idxs)
-    save_object_array(b, masks)
-    return load_reference_checkpoint(str(ref18["pth"]), str(p), str(b), arch=arch)
+    np.save(p, object_array(idxs), allow_pickle=True)
+    np.save(b, object_array(masks), allow_pickle=True)
+    return load_reference_checkpoint(ref18["pth"], p, b, arch=arch)
+
+
+def _save_state(ref18, path, edit) -> str:
+    """The fixture checkpoint with its state_dict changed by ``edit(state)``."""
+    loaded = torch.load(ref18["pth"], weights_only=False)
+    edit(loaded["state_dict"])
+    torch.save(loaded, path)
+    return str(path)
 
 
 def test_missing_table(ref18, tmp_path):
-    idxs, masks = list(ref18["idxs"]), list(ref18["masks"])
+    idxs, masks = ref18["idxs"], ref18["masks"]
     # Without table 2 (layer1.1.conv1) layer1.1.conv1 reads conv2's table (same shape) and
     # layer1.1.conv2 reads the projection's 1x1 table of layer2.0.
     with pytest.raises(ValueError, match=r"layer1\.1\.conv2 \(p_idxs\[3\]\): expected 36864 "
@@ -314,21 +261,59 @@ def test_swapped_projection_and_conv1(ref18, tmp_path):
 
 def test_resnet18_files_as_resnet34(ref18, tmp_path):
     with pytest.raises(ValueError, match=r"layer1\.2\.conv1 \(p_idxs\[4\]\): expected 36864"):
-        _load_with(ref18, tmp_path, ref18["idxs"], ref18["masks"], arch="resnet34")
+        load_reference_checkpoint(ref18["pth"], arch="resnet34")
+
+
+def test_float_masks_and_bare_state_dict_load_the_same(ref18, tmp_path):
+    """float32 masks (their in-memory dtype) and a bare state_dict without the ring's
+    aliases give the same model; a bare state_dict has no epoch."""
+    floats = [m.astype(np.float32) for m in ref18["masks"]]
+    assert _load_with(ref18, tmp_path, ref18["idxs"], floats).spec == ref18["ckpt"].spec
+    state = torch.load(ref18["pth"], weights_only=False)["state_dict"]
+    bare = {k[len("module."):]: v for k, v in state.items()
+            if k == "module.mem.w" or not k.endswith(".mem.w")}
+    torch.save(bare, tmp_path / "bare.pth.tar")
+    ckpt = load_reference_checkpoint(tmp_path / "bare.pth.tar", ref18["p_idxs"],
+                                     ref18["b_masks"])
+    assert ckpt.epoch is None and ckpt.best_acc1 is None and ckpt.step == 0
+    assert ckpt.spec == ref18["ckpt"].spec
+    np.testing.assert_array_equal(ckpt.bank["rings"]["ring"], ref18["ckpt"].bank["rings"]["ring"])
 
 
 def test_index_out_of_range_and_bad_mask(ref18, tmp_path):
     idxs, masks = list(ref18["idxs"]), list(ref18["masks"])
     idxs[3] = idxs[3].copy()
-    idxs[3][17] = 50_000
-    with pytest.raises(ValueError, match=r"layer1\.1\.conv2 \(p_idxs\[3\]\): index 50000 is "
-                                         r"outside the ring \[0, 50000\)"):
+    idxs[3][17] = RING18
+    with pytest.raises(ValueError, match=rf"layer1\.1\.conv2 \(p_idxs\[3\]\): index {RING18} "
+                                         rf"is outside the ring \[0, {RING18}\)"):
         _load_with(ref18, tmp_path, idxs, masks)
     idxs, masks = list(ref18["idxs"]), list(ref18["masks"])
     masks[6] = masks[6].copy()
-    masks[6][0] = 0.0
+    masks[6][0] = 0
     with pytest.raises(ValueError, match=r"layer2\.0\.conv2 \(p_idxs\[6\]\): mask values"):
         _load_with(ref18, tmp_path, idxs, masks)
+
+
+def test_differing_ring_alias(ref18, tmp_path):
+    key = "module.layer2.0.downsample.0.mem.w"
+
+    def nudge(state):
+        state[key] = state[key].clone()
+        state[key][123] += 1e-3
+
+    pth = _save_state(ref18, tmp_path / "n.pth.tar", nudge)
+    with pytest.raises(ValueError, match=r"state_dict\['layer2\.0\.downsample\.0\.mem\.w'\] "
+                                         r"differs from the ring 'mem\.w' \(max \|difference\| "
+                                         r"0\.001\)"):
+        load_reference_checkpoint(pth, ref18["p_idxs"], ref18["b_masks"])
+
+    def shorten(state):
+        state["module.layer4.1.conv2.mem.w"] = state["module.mem.w"][:-1].clone()
+
+    pth = _save_state(ref18, tmp_path / "s.pth.tar", shorten)
+    with pytest.raises(ValueError, match=rf"'layer4\.1\.conv2\.mem\.w'\] differs .*"
+                                         rf"\({RING18 - 1} entries, the ring has {RING18}\)"):
+        load_reference_checkpoint(pth, ref18["p_idxs"], ref18["b_masks"])
 
 
 def test_state_dict_key_errors(ref18, tmp_path):
@@ -336,28 +321,38 @@ def test_state_dict_key_errors(ref18, tmp_path):
     missing = {k: v for k, v in state.items() if k != "module.layer3.1.bn2.running_var"}
     torch.save(missing, tmp_path / "m.pth.tar")  # a bare state_dict
     with pytest.raises(ValueError, match=r"no 'layer3\.1\.bn2\.running_var'"):
-        load_reference_checkpoint(str(tmp_path / "m.pth.tar"), str(ref18["p_idxs"]),
-                                  str(ref18["b_masks"]))
-    extra = {**state, "module.layer1.0.conv1.weight": torch.zeros(64, 64, 3, 3)}
+        load_reference_checkpoint(tmp_path / "m.pth.tar", ref18["p_idxs"], ref18["b_masks"])
+    extra = {**state, "module.layer1.0.conv1.weight": torch.zeros(64, 64, 3, 3),
+             "module.conv1.mem.w": state["module.mem.w"]}  # the stem is not generated
     torch.save({"state_dict": extra}, tmp_path / "e.pth.tar")
-    with pytest.raises(ValueError, match=r"does not use: \['layer1\.0\.conv1\.weight'\]"):
-        load_reference_checkpoint(str(tmp_path / "e.pth.tar"), str(ref18["p_idxs"]),
-                                  str(ref18["b_masks"]))
+    with pytest.raises(ValueError, match=r"does not use: \['conv1\.mem\.w', "
+                                         r"'layer1\.0\.conv1\.weight'\]"):
+        load_reference_checkpoint(tmp_path / "e.pth.tar", ref18["p_idxs"], ref18["b_masks"])
     bad = {**state, "module.bn1.weight": torch.ones(32)}
     torch.save({"state_dict": bad}, tmp_path / "b.pth.tar")
     with pytest.raises(ValueError, match=r"state_dict\['bn1\.weight'\]: expected shape \(64,\)"):
-        load_reference_checkpoint(str(tmp_path / "b.pth.tar"), str(ref18["p_idxs"]),
-                                  str(ref18["b_masks"]))
+        load_reference_checkpoint(tmp_path / "b.pth.tar", ref18["p_idxs"], ref18["b_masks"])
 
 
-def test_unsupported_arch(ref18):
-    with pytest.raises(ValueError, match=r"resnet50.*valid: resnet18, resnet34"):
-        load_reference_checkpoint(str(ref18["pth"]), str(ref18["p_idxs"]),
-                                  str(ref18["b_masks"]), arch="resnet50")
+def test_unsupported_arch(ref18, tmp_path):
+    with pytest.raises(ValueError, match=r"arch='resnet50' is not supported; valid: resnet18, "
+                                         r"resnet34"):
+        load_reference_checkpoint(ref18["pth"], arch="resnet50")
+    loaded = torch.load(ref18["pth"], weights_only=False)
+    torch.save({**loaded, "arch": "resnet50"}, tmp_path / "a.pth.tar")
+    with pytest.raises(ValueError, match=r"the checkpoint's arch 'resnet50' is not supported"):
+        load_reference_checkpoint(tmp_path / "a.pth.tar", ref18["p_idxs"], ref18["b_masks"])
+
+
+def test_reference_paths():
+    assert reference_paths("run/rpg18.pth.tar") == ("run/rpg18p_idxs.npy",
+                                                    "run/rpg18b_masks.npy")
+    assert reference_paths("run/rpg18.pth.tarbest.pth.tar")[0] == "run/rpg18p_idxs.npy"
+    with pytest.raises(ValueError, match=r"'rpg18\.pt' is not named <savename>\.pth\.tar"):
+        reference_paths("rpg18.pt")
 
 
 def test_missing_torch_is_an_import_error(ref18, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)
     with pytest.raises(ImportError, match="pip install torch"):
-        load_reference_checkpoint(str(ref18["pth"]), str(ref18["p_idxs"]),
-                                  str(ref18["b_masks"]))
+        load_reference_checkpoint(ref18["pth"])
