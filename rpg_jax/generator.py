@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from rpg_jax.index_map import inverse_table, ring_tables
-from rpg_jax.spec import RPGSpec, flatten_params, unflatten_params
+from rpg_jax.spec import RPGSpec
+from rpg_jax.trees import flatten_params, path_name, unflatten_params
 
 Bank = dict[str, Any]  # {"rings": {name: f32[N]}, "free": nested dict of free params}
 Tables = dict[str, dict[str, jax.Array]]  # {ring: {"forward": i32[T], ["inverse": i32[N, M]]}}
@@ -153,7 +154,7 @@ def _check_bank(bank: Bank, spec: RPGSpec) -> None:
     got = {path: tuple(np.shape(x)) for path, x in flatten_params(bank["free"])}
     want = {leaf.path: leaf.shape for leaf in spec.free}
     for path in sorted(set(got) | set(want)):
-        name = "/".join(path)
+        name = path_name(path)
         if path not in got:
             raise ValueError(f"free parameter {name!r} is in the spec but not in the bank")
         if path not in want:
@@ -188,7 +189,8 @@ def generate_params(bank: Bank, spec: RPGSpec, tables: Tables | None = None) -> 
 
 
 def init_bank(key: jax.Array, spec: RPGSpec, params: Any) -> Bank:
-    """A fresh bank: rings ~ Normal(0, sqrt(2 / ring_fan)), free params taken from ``params``."""
+    """A fresh bank: ring r ~ Normal(0, r.std), free params taken from ``params`` (Linen
+    dicts or NNX, as for ``make_spec``)."""
     flat = dict(flatten_params(params))
     for leaf in spec.leaves:
         if leaf.path not in flat:
@@ -197,7 +199,7 @@ def init_bank(key: jax.Array, spec: RPGSpec, params: Any) -> Bank:
             raise ValueError(f"parameter {leaf.name!r}: params shape "
                              f"{tuple(np.shape(flat[leaf.path]))}, spec shape {leaf.shape}")
     rings = {
-        ring.name: spec.ring_std * jax.random.normal(jax.random.fold_in(key, i), (ring.size,))
+        ring.name: ring.std * jax.random.normal(jax.random.fold_in(key, i), (ring.size,))
         for i, ring in enumerate(spec.rings)
     }
     free = unflatten_params([(leaf.path, flat[leaf.path]) for leaf in spec.free])

@@ -107,7 +107,7 @@ def test_resnet18_golden_paper_rule(resnet18):
     assert digest(forward.astype("<i4").tobytes()) == "c17d2ab3812a4dc58384e99b85f61495"
     layout = repr([(leaf.name, leaf.offset, leaf.scale) for leaf in spec.generated])
     assert digest(layout.encode()) == "42b620d5eddc8e8876f4ead5c25d5944"
-    assert spec.ring_std == math.sqrt(2 / 4608)
+    assert spec.init == "paper" and spec.rings[0].std == math.sqrt(2 / 4608)
     params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["params"])
     bank = rpg_jax.init_bank(jax.random.key(1), spec, params)
     ring = np.asarray(bank["rings"]["ring"])
