@@ -21,17 +21,26 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from rpg_jax import config as config_lib
 from rpg_jax import data, experiment, steps
 from rpg_jax.generator import generate_params, make_tables
 from rpg_jax.spec import RPGSpec
 
 CHECKPOINT_DIR = "checkpoints"
 
-# Config fields that define the model or the trained quantity: a resumed run must keep them.
+# Config fields that define the model or the trained quantity: a resumed run must keep them
+# (a ViT's ``vit.*`` fields too, see ``resume_fields``).
 RESUME_FIELDS = (
     "dataset", "model", "width", "zero_init_residual", "seed", "optimizer",
     "rpg.enabled", "rpg.ring_size", "rpg.groups", "rpg.select", "rpg.mode", "rpg.seed",
 )
+
+
+def resume_fields(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The fields a run resuming with ``config`` must share with its checkpoint."""
+    if config_lib.is_vit(config):
+        return RESUME_FIELDS + tuple(f"vit.{k}" for k in config.vit)
+    return RESUME_FIELDS
 
 
 def make_manager(workdir: str, keep: int = 2, read_only: bool = False) -> ocp.CheckpointManager:
@@ -85,7 +94,7 @@ def check_compatible(saved_config: dict, saved_spec: RPGSpec | None,
                      step: int) -> None:
     """Raises ValueError naming the field if ``config`` cannot resume checkpoint ``step``."""
     current = config.to_dict()
-    for field in RESUME_FIELDS:
+    for field in resume_fields(config):
         old, new = _lookup(saved_config, field), _lookup(current, field)
         if old != new:
             raise ValueError(

@@ -18,6 +18,7 @@ from rpg_jax.spec import GROUP_PRESETS, SELECT_PRESETS
 OPTIMIZERS = ("sgd", "adamw")
 LR_SCHEDULES = ("constant", "cosine", "exp_epoch")
 BACKWARDS = ("gather", "scatter")
+VIT_POOLS = ("cls", "mean")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -28,7 +29,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.synthetic_size = 0  # examples of a synthetic_* dataset (0 = its default)
     c.worker_count = 0  # grain worker processes for the host pipeline (0 = in-process)
     c.model = "resnet20"
-    c.width = 1.0  # channel multiplier of the model
+    c.width = 1.0  # channel multiplier of the model (a ViT's: of vit.dim)
     c.zero_init_residual = False
     c.batch_size = 128  # global, over all devices and hosts
     c.eval_batch_size = 0  # 0 = batch_size
@@ -51,11 +52,20 @@ def base_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 2  # most recent checkpoints kept
     c.multihost = False  # call jax.distributed.initialize() (TPU pods, multi-node GPU)
 
+    # model "vit" only; the defaults are ViT-Ti/16
+    c.vit = ml_collections.ConfigDict()
+    c.vit.dim = 192  # embedding width before the `width` multiplier
+    c.vit.depth = 12  # encoder blocks
+    c.vit.num_heads = 3
+    c.vit.mlp_ratio = 4.0  # MLP hidden width / embedding width
+    c.vit.patch_size = 16
+    c.vit.pool = "cls"  # cls (class token) | mean (mean of the patch tokens)
+
     c.rpg = ml_collections.ConfigDict()
     c.rpg.enabled = True
     c.rpg.ring_size = 0.1  # fraction (0, 1] of generated weights, or an absolute DoF (> 1)
     c.rpg.groups = "global"  # global | stage | block | layer | JSON {"regex": "ring", ...}
-    c.rpg.select = "blocks"  # blocks | convs | kernels | a regex on parameter paths
+    c.rpg.select = "blocks"  # auto | blocks | convs | kernels | a regex on parameter paths
     c.rpg.mode = "rpg"  # rpg | naive | perm_only | sign_only
     c.rpg.seed = 0
     # gather: the backward gathers through an inverse table (fastest on CPU; 8 bytes of tables
@@ -87,6 +97,15 @@ def groups(config: ml_collections.ConfigDict) -> str | dict[str, str]:
     return value
 
 
+def is_vit(config: ml_collections.ConfigDict) -> bool:
+    return config.model.strip().lower() == "vit"
+
+
+def vit_width(config: ml_collections.ConfigDict) -> int:
+    """A ViT's embedding width: ``vit.dim * width`` rounded, at least 1."""
+    return max(1, int(round(config.vit.dim * config.width)))
+
+
 def _fail(field: str, value: Any, expected: str) -> None:
     raise ValueError(f"config.{field}={value!r}: expected {expected}")
 
@@ -109,6 +128,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _fail("eval_steps", config.eval_steps, "-1 (the whole eval split) or >= 1")
     if config.width <= 0:
         _fail("width", config.width, "a positive channel multiplier")
+    if is_vit(config):
+        _validate_vit(config)
     if config.num_train_steps == 0 or config.num_train_steps < -1:
         _fail("num_train_steps", config.num_train_steps, "-1 (from num_epochs) or >= 1")
     if config.num_train_steps == -1 and not config.num_epochs > 0:
@@ -148,3 +169,20 @@ def validate(config: ml_collections.ConfigDict) -> None:
             _fail("rpg.backward", config.rpg.backward, f"one of {BACKWARDS}")
         if not config.rpg.select:
             _fail("rpg.select", config.rpg.select, f"one of {SELECT_PRESETS} or a regex")
+
+
+def _validate_vit(config: ml_collections.ConfigDict) -> None:
+    v = config.vit
+    for field in ("dim", "depth", "num_heads", "patch_size"):
+        if isinstance(v[field], bool) or not isinstance(v[field], int) or v[field] <= 0:
+            _fail(f"vit.{field}", v[field], "a positive int")
+    if not (v.mlp_ratio > 0 and math.isfinite(v.mlp_ratio)):
+        _fail("vit.mlp_ratio", v.mlp_ratio, "a positive finite number")
+    if v.pool not in VIT_POOLS:
+        _fail("vit.pool", v.pool, f"one of {VIT_POOLS}")
+    if vit_width(config) % v.num_heads:
+        _fail("vit.num_heads", v.num_heads,
+              f"a divisor of the embedding width {vit_width(config)} (vit.dim={v.dim} x "
+              f"width={config.width})")
+    if config.zero_init_residual:
+        _fail("zero_init_residual", config.zero_init_residual, "False for a ViT (no BatchNorm)")

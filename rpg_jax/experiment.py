@@ -43,12 +43,18 @@ class Experiment:
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
     dtype = jnp.bfloat16 if config.half_precision else jnp.float32
+    if config_lib.is_vit(config):
+        v = config.vit
+        return models.get_model(config.model, num_classes=num_classes,
+                                width=config_lib.vit_width(config), depth=v.depth,
+                                num_heads=v.num_heads, mlp_ratio=v.mlp_ratio,
+                                patch_size=v.patch_size, pool=v.pool, dtype=dtype)
     return models.get_model(config.model, num_classes=num_classes, width=config.width,
                             dtype=dtype, zero_init_residual=config.zero_init_residual)
 
 
 def param_shapes(model: nn.Module, info: DatasetInfo) -> Any:
-    """The model's params and batch_stats as ShapeDtypeStructs (no compute)."""
+    """The model's variables (params, and batch_stats if any) as ShapeDtypeStructs."""
     init = functools.partial(model.init, train=False)
     return jax.eval_shape(init, jax.random.key(0), jnp.zeros((1, *info.image_shape)))
 
@@ -66,6 +72,12 @@ def build_spec(config: ml_collections.ConfigDict, params_or_shapes: Any) -> RPGS
 
 def build(config: ml_collections.ConfigDict, info: DatasetInfo) -> Experiment:
     """Model, spec, schedule and optimizer for ``config``; cheap (no parameter init)."""
+    if config_lib.is_vit(config):
+        p = config.vit.patch_size
+        if any(size % p for size in info.image_shape[:2]):
+            raise ValueError(f"config.vit.patch_size={p} does not divide the "
+                             f"{info.image_shape[0]}x{info.image_shape[1]} images of "
+                             f"{info.name!r}")
     model = build_model(config, info.num_classes)
     spec = build_spec(config, param_shapes(model, info)["params"])
     steps_per_epoch = info.num_train // config.batch_size
@@ -80,7 +92,8 @@ def build(config: ml_collections.ConfigDict, info: DatasetInfo) -> Experiment:
 
 
 def initial_state(exp: Experiment) -> steps.TrainState:
-    """A fresh step-0 state: Flax init for the model, then the bank for RPG.
+    """A fresh step-0 state: Flax init for the model, then the bank for RPG. A model without
+    BatchNorm (a ViT) gets empty ``batch_stats``.
 
     Uses the "rbg" PRNG: its init compiles about 3x faster than threefry's on CPU (8 s -> 3 s
     for ResNet-20); the values depend on the backend, and checkpoints store them anyway.
@@ -92,7 +105,7 @@ def initial_state(exp: Experiment) -> steps.TrainState:
     trainable = variables["params"]
     if exp.spec is not None:
         trainable = init_bank(bank_key, exp.spec, variables["params"])
-    return steps.init_state(trainable, variables["batch_stats"], exp.tx)
+    return steps.init_state(trainable, variables.get("batch_stats", {}), exp.tx)
 
 
 def abstract_state(exp: Experiment) -> steps.TrainState:

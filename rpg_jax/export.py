@@ -27,11 +27,13 @@ from rpg_jax.spec import RPGSpec
 EXPORT_FORMAT = 1
 KINDS = ("rpg", "params")
 # The config fields a model needs to be rebuilt (everything else is about training).
-MODEL_FIELDS = ("model", "width", "zero_init_residual", "half_precision", "dataset")
+# ("vit" is missing from configs written before the ViT existed).
+MODEL_FIELDS = ("model", "width", "zero_init_residual", "half_precision", "dataset", "vit")
 
 
 def _meta(ckpt: Checkpoint, spec: RPGSpec | None) -> str:
-    model_cfg = {k: ckpt.config[k] for k in MODEL_FIELDS}
+    config = ckpt.config.to_dict()
+    model_cfg = {k: config[k] for k in MODEL_FIELDS if k in config}
     return json.dumps({"config": model_cfg, "info": dataclasses.asdict(ckpt.info),
                        "spec": spec.to_dict() if spec is not None else None,
                        "step": ckpt.step})

@@ -26,7 +26,7 @@ class TrainState(struct.PyTreeNode):
     step: jax.Array
     trainable: Any  # the bank with RPG, the params without
     opt_state: Any
-    batch_stats: Any
+    batch_stats: Any  # BatchNorm statistics; {} for a model without BatchNorm
 
 
 def params_fn(spec: RPGSpec | None) -> Callable[[Any, Any], Any]:
@@ -69,7 +69,7 @@ def make_train_step(
             variables = {"params": to_params(trainable, tables), "batch_stats": state.batch_stats}
             logits, updates = model.apply(variables, images, train=True, mutable=["batch_stats"])
             loss = cross_entropy(logits, batch["label"]).mean()
-            return loss, (logits, updates["batch_stats"])
+            return loss, (logits, updates.get("batch_stats", {}))
 
         (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.trainable)

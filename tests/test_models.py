@@ -282,7 +282,7 @@ def test_get_model():
     assert isinstance(m, CifarResNet18) and m.num_classes == 100 and m.width == 2
     assert get_model("resnet20").num_classes == 10
     assert get_model("resnet50").num_classes == 1000
-    assert len(MODEL_NAMES) == 8 and "cifar_resnet18" in MODEL_NAMES
+    assert len(MODEL_NAMES) == 9 and "cifar_resnet18" in MODEL_NAMES and "vit" in MODEL_NAMES
     with pytest.raises(ValueError, match="resnet9000") as err:
         get_model("resnet9000")
     assert "resnet20" in str(err.value)
