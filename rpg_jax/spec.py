@@ -397,23 +397,27 @@ def make_spec(
                 f"ring {r!r}: size {n} is larger than its {lengths[r]} generated weights"
             )
 
-    measured = [_measured_std(leaf) if ring else None for (_, leaf), ring in zip(pairs, rings_of)]
+    measured = [_measured_std(leaf) if ring else None
+                for (_, leaf), ring in zip(pairs, rings_of, strict=True)]
     if init == "auto":
         init = "paper" if all(
             _fits_paper_rule(f, math.prod(shape), m)
-            for (_, shape), f, m, ring in zip(paths_shapes, fans, measured, rings_of) if ring
+            for (_, shape), f, m, ring in zip(paths_shapes, fans, measured, rings_of, strict=True)
+            if ring
         ) else "model"
     if init == "paper":
         ring_std = dict.fromkeys(lengths, _paper_ring_std(ring_fan))
         scales = [math.sqrt(ring_fan / f.fan_out) for f in fans]
     else:
-        target = [m if m is not None else f.lecun_std for m, f in zip(measured, fans)]
+        target = [m if m is not None else f.lecun_std
+                  for m, f in zip(measured, fans, strict=True)]
         power = dict.fromkeys(lengths, 0.0)
-        for (_, shape), t, ring in zip(paths_shapes, target, rings_of):
+        for (_, shape), t, ring in zip(paths_shapes, target, rings_of, strict=True):
             if ring:
                 power[ring] += math.prod(shape) * t * t
         ring_std = {r: math.sqrt(power[r] / lengths[r]) for r in lengths}
-        scales = [t / ring_std[ring] if ring else 1.0 for t, ring in zip(target, rings_of)]
+        scales = [t / ring_std[ring] if ring else 1.0
+                  for t, ring in zip(target, rings_of, strict=True)]
 
     offsets = dict.fromkeys(lengths, 0)
     leaves = []
@@ -453,7 +457,8 @@ def spec_from_tables(
     paths_shapes = [(path, tuple(int(s) for s in np.shape(leaf))) for path, leaf in pairs]
     ring_std = _paper_ring_std(ring_fan)
     leaves, pieces, offset = [], [], 0
-    for (path, leaf), (_, shape), f in zip(pairs, paths_shapes, all_fans(paths_shapes)):
+    for (path, leaf), (_, shape), f in zip(pairs, paths_shapes, all_fans(paths_shapes),
+                                           strict=True):
         name = path_name(path)
         dtype = str(np.dtype(leaf.dtype))
         if name not in leaf_tables:

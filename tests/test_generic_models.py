@@ -320,7 +320,8 @@ def test_nnx_cnn_rpg_recipe_learns(fashion_mnist):
     bank = rpg_jax.init_bank(jax.random.key(1), spec, params)
     tables = rpg_jax.make_tables(spec)
     plain_std = {leaf.name: float(np.std(np.asarray(a)))
-                 for leaf, (_, a) in zip(spec.leaves, flatten_params(params)) if leaf.ring}
+                 for leaf, (_, a) in zip(spec.leaves, flatten_params(params), strict=True)
+                 if leaf.ring}
     for name, std in generated_stds(spec, bank).items():
         assert std == pytest.approx(plain_std[name], rel=0.05), name
     tx = optax.sgd(0.05, momentum=0.9)
