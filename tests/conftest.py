@@ -50,6 +50,17 @@ def compile_cache(tmp_path_factory) -> Path:
     compilation_cache.reset_cache()
 
 
+@pytest.fixture
+def no_training(monkeypatch):
+    """Fails the test if a run gets as far as initialising a train state."""
+    from rpg_jax import experiment
+
+    def fail(*args, **kwargs):
+        raise AssertionError("train_and_evaluate started training despite a bad config")
+
+    monkeypatch.setattr(experiment, "initial_state", fail)
+
+
 # ------------------------------------------------------------------ which stack ran the tests
 
 STACK_PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain",

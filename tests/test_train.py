@@ -686,16 +686,6 @@ def test_library_chatter_is_filtered_but_warnings_and_our_logs_are_kept():
 # ------------------------------------------------------------------- bad configs
 
 
-@pytest.fixture
-def no_training(monkeypatch):
-    """Fails the test if a run gets as far as initialising a train state."""
-
-    def fail(*args, **kwargs):
-        raise AssertionError("train_and_evaluate started training despite a bad config")
-
-    monkeypatch.setattr(experiment, "initial_state", fail)
-
-
 @pytest.mark.parametrize("overrides, pattern", [
     ({"dataset": "imagenet21k"}, r"config\.dataset='imagenet21k'"),
     ({"model": "resnet7"}, r"config\.model='resnet7'"),

@@ -226,14 +226,6 @@ def tiny_vit_config(**overrides) -> ml_collections.ConfigDict:
         "rpg.select": "auto", **overrides})
 
 
-@pytest.fixture
-def no_training(monkeypatch):
-    def fail(*args, **kwargs):
-        raise AssertionError("train_and_evaluate started training despite a bad config")
-
-    monkeypatch.setattr(experiment, "initial_state", fail)
-
-
 @pytest.mark.parametrize("overrides, pattern", [
     ({"vit.dim": 0}, r"config\.vit\.dim=0: expected a positive int"),
     ({"vit.depth": -1}, r"config\.vit\.depth=-1: expected a positive int"),
