@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -99,3 +101,15 @@ def test_this_run_reports_its_stack():
     versions = stack_versions()
     assert versions["python"].count(".") == 2
     assert versions["jax"] and versions["flax"] and versions["jax"] == versions["jaxlib"]
+
+
+def test_run_finds_interpreters_by_series():
+    """``./run python X.Y`` (used by .ci/run and by ./run's default) finds Python X.Y."""
+    want = "%d.%d" % sys.version_info[:2]
+    found = subprocess.run([str(REPO / "run"), "python", want], capture_output=True, text=True,
+                           check=True).stdout.strip()
+    version = subprocess.run([found, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    assert version == want
+    missing = subprocess.run([str(REPO / "run"), "python", "2.1"], capture_output=True, text=True)
+    assert missing.returncode != 0 and missing.stdout == ""
