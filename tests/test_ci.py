@@ -105,7 +105,7 @@ def test_this_run_reports_its_stack():
 
 def test_run_finds_interpreters_by_series():
     """``./run python X.Y`` (used by .ci/run and by ./run's default) finds Python X.Y."""
-    want = "%d.%d" % sys.version_info[:2]
+    want = f"{sys.version_info[0]}.{sys.version_info[1]}"
     found = subprocess.run([str(REPO / "run"), "python", want], capture_output=True, text=True,
                            check=True).stdout.strip()
     version = subprocess.run([found, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
