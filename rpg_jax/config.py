@@ -28,6 +28,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.data_dir = ""  # "" = the dataset's default location
     c.synthetic_size = 0  # examples of a synthetic_* dataset (0 = its default)
     c.worker_count = 0  # grain worker processes for the host pipeline (0 = in-process)
+    # ImageNet-style JPEG data: turbo (crop from the header, DCT-domain downscale, uint8 warp)
+    # | pil (full Pillow decode, the earlier path) | dali (train on an NVIDIA GPU with DALI)
+    c.image_decoder = "turbo"
+    c.on_corrupt_image = "error"  # error (names the record) | skip (warn, use the next one)
     c.model = "resnet20"
     c.width = 1.0  # channel multiplier of the model (a ViT's: of vit.dim)
     c.zero_init_residual = False
@@ -110,6 +114,30 @@ def _fail(field: str, value: Any, expected: str) -> None:
     raise ValueError(f"config.{field}={value!r}: expected {expected}")
 
 
+def _validate_image_decoding(config: ml_collections.ConfigDict) -> None:
+    from rpg_jax.data import DECODERS, ON_CORRUPT
+
+    if config.image_decoder not in DECODERS:
+        _fail("image_decoder", config.image_decoder, f"one of {DECODERS}")
+    if config.on_corrupt_image not in ON_CORRUPT:
+        _fail("on_corrupt_image", config.on_corrupt_image, f"one of {ON_CORRUPT}")
+    if config.image_decoder == "dali":
+        if config.dataset != "imagenet2012":
+            _fail("image_decoder", "dali", f"'turbo' or 'pil' for dataset {config.dataset!r} "
+                  "(DALI reads the JPEGs of imagenet2012)")
+        import importlib.util
+
+        from rpg_jax.data.dali import DALI_INSTALL
+
+        try:
+            found = importlib.util.find_spec("nvidia.dali") is not None
+        except ModuleNotFoundError:
+            found = False
+        if not found:
+            raise ValueError(f"config.image_decoder='dali': NVIDIA DALI is not installed; "
+                             f"{DALI_INSTALL}")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the first bad field; cheap, runs before any work starts."""
     from rpg_jax.data import DATASET_NAMES
@@ -117,6 +145,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
     if config.dataset not in DATASET_NAMES:
         _fail("dataset", config.dataset, f"one of {DATASET_NAMES}")
+    _validate_image_decoding(config)
     if config.model.lower() not in MODEL_NAMES:
         _fail("model", config.model, f"one of {MODEL_NAMES}")
     for field in ("batch_size",):

@@ -67,21 +67,19 @@ def _resize(image: np.ndarray, size: tuple[int, int], box: tuple[float, ...]) ->
     return out.reshape(size[1], size[0], image.shape[-1])
 
 
-def inception_crop(
-    image: np.ndarray,
+def inception_box(
+    h: int,
+    w: int,
     rng: np.random.Generator,
-    size: int,
     scale: tuple[float, float] = (0.08, 1.0),
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
-    flip: bool = True,
-) -> np.ndarray:
-    """RandomResizedCrop to ``size`` x ``size`` (bilinear), then a random horizontal flip.
+) -> tuple[int, int, int, int]:
+    """RandomResizedCrop's box ``(x, y, crop_w, crop_h)`` in an ``h`` x ``w`` image.
 
     Samples area fraction in ``scale`` and log-uniform aspect ratio in ``ratio``
     up to 10 times; if no crop fits, falls back to the largest central crop with
     an aspect ratio inside ``ratio`` (as torchvision does).
     """
-    h, w = image.shape[:2]
     area = h * w
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
     for _ in range(10):
@@ -92,30 +90,49 @@ def inception_crop(
         if 0 < cw <= w and 0 < ch <= h:
             y = int(rng.integers(0, h - ch + 1))
             x = int(rng.integers(0, w - cw + 1))
-            break
+            return x, y, cw, ch
+    in_ratio = w / h
+    if in_ratio < ratio[0]:
+        cw, ch = w, round(w / ratio[0])
+    elif in_ratio > ratio[1]:
+        cw, ch = round(h * ratio[1]), h
     else:
-        in_ratio = w / h
-        if in_ratio < ratio[0]:
-            cw, ch = w, round(w / ratio[0])
-        elif in_ratio > ratio[1]:
-            cw, ch = round(h * ratio[1]), h
-        else:
-            cw, ch = w, h
-        y, x = (h - ch) // 2, (w - cw) // 2
+        cw, ch = w, h
+    return (w - cw) // 2, (h - ch) // 2, cw, ch
+
+
+def inception_crop(
+    image: np.ndarray,
+    rng: np.random.Generator,
+    size: int,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    flip: bool = True,
+) -> np.ndarray:
+    """RandomResizedCrop to ``size`` x ``size`` (bilinear), then a random horizontal flip.
+
+    The box is :func:`inception_box`; the flip is drawn after it (``rng.random() < 0.5``).
+    """
+    x, y, cw, ch = inception_box(image.shape[0], image.shape[1], rng, scale, ratio)
     out = _resize(image, (size, size), (x, y, x + cw, y + ch))
     if flip and rng.random() < 0.5:
         out = out[:, ::-1]
     return np.ascontiguousarray(out)
 
 
+def center_box(h: int, w: int, resize: int = 256, size: int = 224) -> tuple[float, ...]:
+    """The eval box (x0, y0, x1, y1): short side resized to ``resize``, centre ``size`` crop."""
+    if not 0 < size <= resize:
+        raise ValueError(f"need 0 < size <= resize, got {size=} {resize=}")
+    side = size * min(h, w) / resize  # crop side in original pixels
+    y0, x0 = (h - side) / 2, (w - side) / 2
+    return (x0, y0, x0 + side, y0 + side)
+
+
 def resize_center_crop(image: np.ndarray, resize: int = 256, size: int = 224) -> np.ndarray:
     """ImageNet eval transform: resize the short side to ``resize``, center-crop ``size``.
 
-    Done as one bilinear resize of the matching central box of the original image.
+    Done as one bilinear resize of the :func:`center_box` of the original image.
     """
-    if not 0 < size <= resize:
-        raise ValueError(f"need 0 < size <= resize, got {size=} {resize=}")
-    h, w = image.shape[:2]
-    side = size * min(h, w) / resize  # crop side in original pixels
-    y0, x0 = (h - side) / 2, (w - side) / 2
-    return _resize(image, (size, size), (x0, y0, x0 + side, y0 + side))
+    box = center_box(image.shape[0], image.shape[1], resize, size)
+    return _resize(image, (size, size), box)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -156,11 +157,17 @@ def _from_record(record: dict[str, Any]) -> Example:
 
 
 class TfdsSource:
-    """Wraps a ``tfds.data_source`` split, normalising records to image/label examples."""
+    """Wraps a ``tfds.data_source`` split, normalising records to image/label examples.
 
-    def __init__(self, name: str, split: str, data_source: Any):
+    With ``encoded=True`` the source was opened without image decoding:
+    :meth:`read_encoded` returns the stored bytes for the fast JPEG path, and
+    ``source[i]`` still decodes (with Pillow) for callers that want arrays.
+    """
+
+    def __init__(self, name: str, split: str, data_source: Any, encoded: bool = False):
         self.name = name
         self.split = split
+        self.encoded = encoded
         self._source = data_source
 
     def __len__(self) -> int:
@@ -168,6 +175,25 @@ class TfdsSource:
 
     def __getitem__(self, index: int) -> Example:
         return _from_record(self._source[index])
+
+    def read_encoded(self, index: int) -> tuple[bytes | np.ndarray, int, str]:
+        """Returns ``(image, label, record name)``: the image as stored (bytes when encoded).
+
+        The record name is ``"<name>/<split>[index]"`` plus the stored file name, if any.
+        """
+        record = self._source[index]
+        image = record["image"]
+        if isinstance(image, np.ndarray) and image.dtype == object:
+            image = image.item()  # SkipDecoding yields a 0-d object array on some versions
+        where = f"{self.name}/{self.split}[{index}]"
+        file_name = record.get("file_name")
+        if file_name is not None:
+            if isinstance(file_name, np.ndarray):
+                file_name = file_name.item()
+            if isinstance(file_name, bytes):
+                file_name = file_name.decode("utf-8", "replace")
+            where += f" ({file_name})"
+        return image, int(record["label"]), where
 
     def read_batch(self, indices: np.ndarray) -> Batch:
         """Reads and stacks ``indices``; images must all have the same shape.
@@ -190,8 +216,18 @@ def check_tfds_name(name: str) -> None:
         raise ValueError(f"Unknown TFDS dataset {name!r}; valid names: {', '.join(TFDS_DATASETS)}")
 
 
-def tfds_source(name: str, split: str, data_dir: str | os.PathLike | None = None) -> TfdsSource:
+def tfds_source(
+    name: str,
+    split: str,
+    data_dir: str | os.PathLike | None = None,
+    *,
+    encoded: bool = False,
+) -> TfdsSource:
     """Opens a prepared ``array_record`` TFDS split as a random-access source.
+
+    ``encoded=True`` skips image decoding on read (see :meth:`TfdsSource.read_encoded`)
+    where TFDS can (``tfds.testing.mock_data`` without TensorFlow cannot: the
+    source then yields decoded arrays, which the pipelines accept as well).
 
     Never downloads or prepares anything: the dataset must already be built in
     ``data_dir`` (default ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``). Raises
@@ -201,14 +237,23 @@ def tfds_source(name: str, split: str, data_dir: str | os.PathLike | None = None
     check_tfds_name(name)
     import tensorflow_datasets as tfds  # lazy: costs ~0.3 s and is only needed here
 
-    try:
-        source = tfds.data_source(
+    def open_split(skip_decoding: bool) -> Any:
+        return tfds.data_source(
             name,
             split=split,
             data_dir=None if data_dir is None else os.fspath(data_dir),
             download=False,
             builder_kwargs={"file_format": "array_record"},
+            decoders={"image": tfds.decode.SkipDecoding()} if skip_decoding else None,
         )
+
+    try:
+        source = open_split(encoded)
+        if encoded and len(source):
+            try:
+                source[0]
+            except ModuleNotFoundError:  # mock data re-encodes through TensorFlow
+                source, encoded = open_split(False), False
     except (KeyError, FileNotFoundError, NotImplementedError, ValueError) as e:
         where = data_dir if data_dir is not None else tfds.core.constants.DATA_DIR
         raise FileNotFoundError(
@@ -216,4 +261,54 @@ def tfds_source(name: str, split: str, data_dir: str | os.PathLike | None = None
             f"under data_dir {os.fspath(where)!r} ({type(e).__name__}: {e}). "
             f"{_TFDS_HOW_TO_PREPARE[name]}"
         ) from e
-    return TfdsSource(name, split, source)
+    return TfdsSource(name, split, source, encoded=encoded)
+
+
+def write_tfds_split(
+    name: str,
+    data_dir: str | os.PathLike,
+    splits: dict[str, Iterable[dict[str, Any]]],
+) -> str:
+    """Writes examples as a prepared ``array_record`` TFDS dataset, without TensorFlow.
+
+    ``splits`` maps a split name to its examples, each a dict of the dataset's
+    features (for ``imagenet2012``: ``{"image": JPEG bytes, "label": int,
+    "file_name": str}``; encoded bytes are stored as they are). The files land
+    where ``tfds.data_source(name, data_dir=data_dir)`` reads them, one shard
+    per split. Returns the dataset's version directory.
+    """
+    check_tfds_name(name)
+    import tensorflow_datasets as tfds
+    from array_record.python import array_record_module
+
+    builder = tfds.builder(name, data_dir=os.fspath(data_dir), file_format="array_record")
+    os.makedirs(builder.data_dir, exist_ok=True)
+    infos = []
+    for split, examples in splits.items():
+        path = os.path.join(builder.data_dir, f"{name}-{split}.array_record-00000-of-00001")
+        writer = array_record_module.ArrayRecordWriter(path, "group_size:1")
+        n = 0
+        try:
+            for example in examples:
+                if isinstance(example.get("image"), bytes | bytearray):
+                    example = {**example, "image": io.BytesIO(example["image"])}
+                writer.write(builder.info.features.serialize_example(example))
+                n += 1
+        finally:
+            writer.close()
+        template = tfds.core.ShardedFileTemplate(
+            data_dir=builder.data_dir,
+            template="{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}",
+            dataset_name=name,
+            split=split,
+            filetype_suffix="array_record",
+        )
+        infos.append(
+            tfds.core.SplitInfo(
+                name=split, shard_lengths=[n], num_bytes=os.path.getsize(path),
+                filename_template=template,
+            )
+        )
+    builder.info.set_splits(tfds.core.SplitDict(infos))
+    builder.info.write_to_directory(builder.data_dir)
+    return os.fspath(builder.data_dir)
