@@ -2,7 +2,10 @@
 
 ``generate_params`` is jit-able and differentiable. Inside ``jit`` pass the tables from
 ``make_tables(spec)`` as an argument of the jitted function: captured as constants they
-are baked into every executable and make compilation much slower.
+are baked into every executable and make compilation much slower. With
+``make_tables(spec, where="device")`` nothing is stored: the indices and signs are
+computed inside the step from the spec (``rpg_jax.device_map``), bit-identical to the
+host tables.
 """
 
 from __future__ import annotations
@@ -14,15 +17,45 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
+from rpg_jax import device_map
 from rpg_jax.index_map import inverse_table, ring_tables
 from rpg_jax.spec import RPGSpec
 from rpg_jax.trees import flatten_params, path_name, unflatten_params
 
 Bank = dict[str, Any]  # {"rings": {name: f32[N]}, "free": nested dict of free params}
-Tables = dict[str, dict[str, jax.Array]]  # {ring: {"forward": i32[T], ["inverse": i32[N, M]]}}
-
 _INDEX_MASK = 0x7FFFFFFF
+KERNEL_NAME = "rpg_kernel"  # jax.checkpoint name of every kernel generated with remat
+WHERE = ("host", "device")
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceTables:
+    """Tables computed on the device inside the step: a pytree without leaves.
+
+    ``backward``: "gather" (through the inverse map, computed in the backward pass for the
+    whole ring) or "scatter" (a scatter-add per kernel through its recomputed forward
+    indices). ``remat``: kernels are tagged ``KERNEL_NAME`` for ``checkpoint_kernels``, so
+    they are regenerated in the backward pass instead of being kept (needs "scatter").
+    """
+
+    backward: str = "scatter"
+    remat: bool = False
+
+    def __post_init__(self):
+        if self.backward not in ("gather", "scatter"):
+            raise ValueError(f"backward={self.backward!r}: expected 'gather' or 'scatter'")
+        if self.remat and self.backward != "scatter":
+            raise ValueError("remat=True regenerates one kernel at a time and needs the "
+                             "scatter backward (inverse=False); the gather backward reads "
+                             "every kernel's gradient at once")
+
+
+jax.tree_util.register_pytree_node(DeviceTables, lambda t: ((), t), lambda t, _: t)
+
+# {ring: {"forward": i32[T], ["inverse": i32[N, M]]}} (host tables) or DeviceTables
+Tables = dict[str, dict[str, jax.Array]] | DeviceTables
 
 
 def host_tables(spec: RPGSpec, inverse: bool = True
@@ -47,15 +80,49 @@ def host_tables(spec: RPGSpec, inverse: bool = True
     }
 
 
-def make_tables(spec: RPGSpec, sharding: jax.sharding.Sharding | None = None, *,
-                inverse: bool = True) -> Tables:
-    """Device arrays of the index tables; pass them into jitted code as an argument.
+def default_backward(where: str, backend: str | None = None) -> str:
+    """The measured fastest backward for tables on ``where`` (host or device) on
+    ``backend`` (default: JAX's default backend): "gather" or "scatter"."""
+    if where == "host":
+        return "gather"
+    backend = backend or jax.default_backend()
+    return _DEVICE_BACKWARD.get(backend, "scatter")
 
-    With ``inverse=False`` only the forward table (4 bytes per generated weight) goes to the
-    device: enough for inference, and gradients then take a scatter-add instead of a gather
-    through the inverse table (4 more bytes per generated weight; see ``generate_params``).
-    Derives the tables on each call (ImageNet ResNet50: about 2 s) and keeps no host copy.
+
+# Fastest backward with device-computed indices, per backend (benchmarks/device_tables.py).
+_DEVICE_BACKWARD = {"cpu": "scatter"}
+
+
+def make_tables(spec: RPGSpec, sharding: jax.sharding.Sharding | None = None, *,
+                inverse: bool | None = None, where: str = "host",
+                remat: bool = False) -> Tables:
+    """The index tables; pass them into jitted code as an argument.
+
+    ``where="host"``: device arrays derived on the host (ImageNet ResNet50: about 2 s;
+    no host copy is kept). With ``inverse=False`` only the forward table (4 bytes per
+    generated weight) goes to the device: enough for inference, and gradients then take a
+    scatter-add instead of a gather through the inverse table (4 more bytes per generated
+    weight; see ``generate_params``).
+
+    ``where="device"``: a ``DeviceTables`` marker, no arrays: indices and signs are computed
+    inside the jitted step from the spec, the backward gathers through the inverse map
+    computed there (``inverse=True``) or scatter-adds (``inverse=False``); ``remat=True``
+    (scatter only) lets ``checkpoint_kernels`` regenerate each kernel in the backward pass.
+
+    ``inverse=None`` picks ``default_backward(where)``.
     """
+    if where not in WHERE:
+        raise ValueError(f"where={where!r}: expected one of {WHERE}")
+    if inverse is None:
+        inverse = (default_backward(where) == "gather") and not remat
+    if where == "device":
+        if spec.mode == "explicit":
+            raise ValueError("a spec with explicit tables (spec_from_tables) has no index "
+                             "map to compute on the device: use where='host'")
+        return DeviceTables("gather" if inverse else "scatter", remat)
+    if remat:
+        raise ValueError("remat=True needs where='device' (host tables stay on the device "
+                         "for the whole step anyway)")
     put = (lambda x: jax.device_put(x, sharding)) if sharding is not None else jnp.asarray
     return {
         name: {"forward": put(fwd), **({"inverse": put(inv)} if inverse else {})}
@@ -138,6 +205,70 @@ def _expand_ring_scatter_bwd(layout, residuals, cotangents):
 _expand_ring_scatter.defvjp(_expand_ring_scatter_fwd, _expand_ring_scatter_bwd)
 
 
+# ---------------------------------------------------------------- device-computed indices
+# key: (layer sizes, ring size, seed, ring name, mode), static.
+
+
+def _device_forward(key, layer=None) -> jax.Array:
+    sizes, n, seed, name, mode = key
+    return device_map.forward_slice(sizes, n, seed=seed, ring_name=name, mode=mode,
+                                    layer=layer)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _device_expand_ring(key, layout: _Layout, ring):
+    return _gather_leaves(layout, ring, _device_forward(key))
+
+
+def _device_expand_ring_fwd(key, layout, ring):
+    return _gather_leaves(layout, ring, _device_forward(key)), None
+
+
+def _device_expand_ring_bwd(key, layout, _, cotangents):
+    sizes, n, seed, name, mode = key
+    inverse = device_map.inverse_table(sizes, n, seed=seed, ring_name=name, mode=mode)
+    return (_expand_ring_bwd(layout, inverse, cotangents)[0],)
+
+
+_device_expand_ring.defvjp(_device_expand_ring_fwd, _device_expand_ring_bwd)
+
+
+def _device_kernel(key, layer: int, leaf, ring):
+    return _gather_leaves((leaf,), ring, _device_forward(key, layer))[0]
+
+
+_device_leaf = jax.custom_vjp(_device_kernel, nondiff_argnums=(0, 1, 2))
+
+
+def _device_leaf_fwd(key, layer, leaf, ring):
+    # Only the ring (an input) is kept: the backward recomputes this kernel's indices.
+    return _device_kernel(key, layer, leaf, ring), ring
+
+
+def _device_leaf_bwd(key, layer, leaf, ring, cotangent):
+    table = _device_forward(key, layer)
+    g = cotangent.astype(ring.dtype).reshape(-1) * jnp.asarray(leaf[2], ring.dtype)
+    grad = jnp.zeros_like(ring).at[table & _INDEX_MASK].add(jnp.where(table < 0, -g, g),
+                                                            mode="promise_in_bounds")
+    return (grad,)
+
+
+_device_leaf.defvjp(_device_leaf_fwd, _device_leaf_bwd)
+
+
+def checkpoint_kernels(fn, tables: Tables):
+    """``fn`` under ``jax.checkpoint`` saving everything but the generated kernels when
+    ``tables`` ask for it (``make_tables(spec, where="device", remat=True)``), else ``fn``.
+
+    Wrap the loss function of a train step in it: the backward pass then regenerates each
+    kernel where it is needed, so the whole generated network is never alive at once.
+    """
+    if isinstance(tables, DeviceTables) and tables.remat:
+        policy = jax.checkpoint_policies.save_anything_except_these_names(KERNEL_NAME)
+        return jax.checkpoint(fn, policy=policy)
+    return fn
+
+
 def _check_bank(bank: Bank, spec: RPGSpec) -> None:
     if not isinstance(bank, dict) or set(bank) != {"rings", "free"}:
         keys = sorted(bank) if isinstance(bank, dict) else type(bank).__name__
@@ -171,6 +302,7 @@ def generate_params(bank: Bank, spec: RPGSpec, tables: Tables | None = None) -> 
     differentiable and jit-able; inside ``jit`` pass ``tables=make_tables(spec)`` as an
     argument. The gradient is a gather through the inverse tables when ``tables`` have them,
     else a scatter-add through the forward tables (same values up to summation order).
+    With ``make_tables(spec, where="device")`` the same indices are computed in the step.
     """
     _check_bank(bank, spec)
     if tables is None:
@@ -179,7 +311,20 @@ def generate_params(bank: Bank, spec: RPGSpec, tables: Tables | None = None) -> 
     for ring in spec.rings:
         members = spec.ring_leaves(ring.name)
         layout = tuple((leaf.size, leaf.shape, leaf.scale, leaf.dtype) for leaf in members)
-        t, values = tables[ring.name], bank["rings"][ring.name]
+        values = bank["rings"][ring.name]
+        if isinstance(tables, DeviceTables):
+            key = (tuple(leaf.size for leaf in members), ring.size, spec.seed, ring.name,
+                   spec.mode)
+            if tables.backward == "gather":
+                kernels = _device_expand_ring(key, layout, values)
+            else:
+                kernels = tuple(_device_leaf(key, i, layout[i], values)
+                                for i in range(len(members)))
+            if tables.remat:
+                kernels = tuple(checkpoint_name(k, KERNEL_NAME) for k in kernels)
+            leaves.update({leaf.path: k for leaf, k in zip(members, kernels, strict=True)})
+            continue
+        t = tables[ring.name]
         if "inverse" in t:
             kernels = _expand_ring(layout, values, t["forward"], t["inverse"])
         else:
