@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
 
 import ml_collections
@@ -55,6 +56,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint_every_steps = -1  # -1: once per epoch; 0: only at the end
     c.keep_checkpoints = 2  # most recent checkpoints kept
     c.multihost = False  # call jax.distributed.initialize() (TPU pods, multi-node GPU)
+    # Comma-separated fields a resumed run may change although they alter the data stream or
+    # the trained trajectory (RESUME_OVERRIDABLE below), e.g. "learning_rate,batch_size".
+    c.resume_overrides = ""
 
     # model "vit" only; the defaults are ViT-Ti/16
     c.vit = ml_collections.ConfigDict()
@@ -78,6 +82,54 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+# What a run resuming a checkpoint may change (README: "What resume accepts and refuses").
+# Fields that define the saved state: always refused (a ViT's ``vit.*`` fields too).
+RESUME_FIXED = (
+    "dataset", "model", "width", "zero_init_residual", "optimizer",
+    "rpg.enabled", "rpg.ring_size", "rpg.groups", "rpg.select", "rpg.mode", "rpg.seed",
+)
+# Bookkeeping, or a run length checked against the checkpoint's step: always accepted.
+RESUME_FREE = (
+    "data_dir", "worker_count", "eval_batch_size", "eval_steps", "num_epochs",
+    "num_train_steps", "log_every_steps", "eval_every_steps", "checkpoint_every_steps",
+    "keep_checkpoints", "multihost", "rpg.backward", "resume_overrides",
+)
+# Every other field changes the data stream (seed, batch_size, synthetic_size, image
+# decoding) or the trained trajectory (learning rate, schedule, decay, momentum, precision):
+# refused unless named in ``resume_overrides``. A momentum of 0 <-> non-zero changes the
+# optimizer state's structure and is always refused.
+
+
+def field_names(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    """Every leaf field of ``config`` as a dotted name (``rpg.ring_size``)."""
+    names = []
+    for key, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            names += field_names(value, f"{prefix}{key}.")
+        else:
+            names.append(prefix + key)
+    return names
+
+
+def field_value(config: ml_collections.ConfigDict | dict, dotted: str) -> Any:
+    """The value of a dotted field (None where the config has no such field)."""
+    node: Any = config
+    for part in dotted.split("."):
+        if not hasattr(node, "keys") or part not in node.keys():
+            return None
+        node = node[part]
+    return node
+
+
+def is_fixed_on_resume(field: str) -> bool:
+    return field in RESUME_FIXED or field.startswith("vit.")
+
+
+def resume_overrides(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The field names listed in ``config.resume_overrides``."""
+    return tuple(n.strip() for n in config.resume_overrides.split(",") if n.strip())
+
+
 def ring_size(config: ml_collections.ConfigDict) -> int | float:
     """``rpg.ring_size`` as make_spec wants it: values > 1 are an absolute DoF (an int)."""
     value = config.rpg.ring_size
@@ -97,8 +149,19 @@ def groups(config: ml_collections.ConfigDict) -> str | dict[str, str]:
             mapping = json.loads(value)
         except json.JSONDecodeError as e:
             raise ValueError(f"config.rpg.groups={value!r} is not valid JSON: {e}") from e
+        if not isinstance(mapping, dict):
+            _fail("rpg.groups", value, 'a JSON object {"regex": "ring name", ...}')
+        for pattern in mapping:
+            _check_regex("rpg.groups", value, pattern)
         return {str(k): str(v) for k, v in mapping.items()}
     return value
+
+
+def _check_regex(field: str, value: Any, pattern: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        _fail(field, value, f"valid regular expressions ({pattern!r}: {e})")
 
 
 def is_vit(config: ml_collections.ConfigDict) -> bool:
@@ -143,6 +206,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     from rpg_jax.data import DATASET_NAMES
     from rpg_jax.models import MODEL_NAMES
 
+    for field in field_names(config):
+        value = field_value(config, field)
+        if isinstance(value, float) and not math.isfinite(value):
+            _fail(field, value, "a finite number")
     if config.dataset not in DATASET_NAMES:
         _fail("dataset", config.dataset, f"one of {DATASET_NAMES}")
     _validate_image_decoding(config)
@@ -182,6 +249,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
             _fail(field, config[field], "-1 (every epoch), 0 (only at the end) or a step count")
     if config.keep_checkpoints < 1:
         _fail("keep_checkpoints", config.keep_checkpoints, "at least 1")
+    fields = field_names(config)
+    for name in resume_overrides(config):
+        if name not in fields or is_fixed_on_resume(name) or name in RESUME_FREE:
+            _fail("resume_overrides", config.resume_overrides,
+                  f"comma-separated config fields a resumed run may change ({name!r} is "
+                  + ("not a config field)" if name not in fields else
+                     "always refused: it defines the saved state)" if is_fixed_on_resume(name)
+                     else "always accepted: no override needed)"))
     if config.rpg.enabled:
         if config.rpg.mode not in MODES:
             _fail("rpg.mode", config.rpg.mode, f"one of {MODES}")
@@ -198,6 +273,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
             _fail("rpg.backward", config.rpg.backward, f"one of {BACKWARDS}")
         if not config.rpg.select:
             _fail("rpg.select", config.rpg.select, f"one of {SELECT_PRESETS} or a regex")
+        if config.rpg.select not in SELECT_PRESETS:
+            _check_regex("rpg.select", config.rpg.select, config.rpg.select)
 
 
 def _validate_vit(config: ml_collections.ConfigDict) -> None:
