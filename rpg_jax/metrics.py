@@ -7,17 +7,32 @@ import os
 from typing import Any
 
 import jax
+from absl import logging
 
 METRICS_FILE = "metrics.jsonl"
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
-    """All records of a run's metrics file (an empty list if there is none)."""
+    """All records of a run's metrics file (an empty list if there is none).
+
+    A torn last line (a kill during a write) is dropped with a warning; a damaged line
+    before the last raises ValueError naming the file and line.
+    """
     path = os.path.join(workdir, METRICS_FILE)
     if not os.path.exists(path):
         return []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
+    records = []
+    for i, (n, line) in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except ValueError as e:
+            if i < len(lines) - 1:
+                raise ValueError(f"{path}: line {n} is not a JSON record ({e})") from e
+            logging.warning("%s: dropping the torn last line %d (%r), written by a run killed "
+                            "mid-write", path, n, line[:80])
+    return records
 
 
 class MetricWriter:
