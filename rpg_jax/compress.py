@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
 from typing import Any
 
 import jax
@@ -162,6 +164,17 @@ def other_bytes(ckpt) -> int:
     return total + sum(np.asarray(x).nbytes for x in jax.tree.leaves(ckpt.batch_stats))
 
 
+def check_finite(ckpt) -> None:
+    """Raises ValueError naming the arrays of ``ckpt`` that hold NaN or inf."""
+    bad = [jax.tree_util.keystr(path) for path, x in
+           jax.tree_util.tree_flatten_with_path((ckpt.bank, ckpt.batch_stats))[0]
+           if not np.all(np.isfinite(np.asarray(x)))]
+    if bad:
+        raise ValueError(f"the checkpoint at step {ckpt.step} holds non-finite values (NaN/inf) "
+                         f"in {', '.join(bad[:6])}{' ...' if len(bad) > 6 else ''}: a diverged "
+                         "model; compress a finite checkpoint (--step)")
+
+
 def evaluate(ckpt, trainable: Any, batch_size: int = 500) -> dict[str, float]:
     """Top-1/top-5/loss of ``trainable`` (with the checkpoint's model) on the eval split."""
     from rpg_jax import data, steps
@@ -224,6 +237,12 @@ def compress_checkpoint(ckpt, *, prune: float = 0.0, bits: int = 32, chunk: int 
         raise ValueError(f"bits={bits}: expected one of {QUANT_BITS}")
     if finetune_steps < 0:
         raise ValueError(f"finetune_steps={finetune_steps}: expected >= 0")
+    if finetune_steps and not (math.isfinite(finetune_lr) and finetune_lr > 0):
+        raise ValueError(f"finetune_lr={finetune_lr}: expected a positive finite number")
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int)
+                              or chunk < 1):
+        raise ValueError(f"chunk={chunk!r}: expected a positive number of entries")
+    check_finite(ckpt)
     arrays = compressible(ckpt)
     threshold = global_threshold(list(arrays.values()), prune)
     before = evaluate(ckpt, ckpt.bank, eval_batch_size)
@@ -270,7 +289,28 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not 0 <= args.prune < 1:
         parser.error(f"--prune={args.prune}: expected a fraction in [0, 1)")
+    if args.chunk is not None and args.chunk < 1:
+        parser.error(f"--chunk={args.chunk}: expected a positive number of entries")
+    if args.finetune_steps < 0:
+        parser.error(f"--finetune_steps={args.finetune_steps}: expected >= 0")
+    if not (math.isfinite(args.finetune_lr) and args.finetune_lr > 0):
+        parser.error(f"--finetune_lr={args.finetune_lr}: expected a positive finite number")
+    if args.out:
+        out_dir = os.path.dirname(os.path.abspath(args.out))
+        if os.path.isdir(args.out):
+            parser.error(f"--out={args.out!r} is a directory; expected a file path")
+        existing = out_dir
+        while not os.path.isdir(existing):
+            existing = os.path.dirname(existing)
+        if not os.access(existing, os.W_OK):
+            parser.error(f"--out={args.out!r}: cannot write in {existing!r}")
     ckpt = load_checkpoint(args.workdir, args.step)
+    if args.out and ckpt.spec is None:
+        parser.error("--out writes an RPG artifact; this checkpoint is a plain model")
+    try:
+        check_finite(ckpt)
+    except ValueError as e:
+        parser.error(str(e))
     report, packed = compress_checkpoint(ckpt, prune=args.prune, bits=args.bits,
                                          chunk=args.chunk, finetune_steps=args.finetune_steps,
                                          finetune_lr=args.finetune_lr)
@@ -278,8 +318,6 @@ def main(argv: list[str] | None = None) -> None:
     if ckpt.spec is not None:
         report["ring_dof"] = sum(r.size for r in ckpt.spec.rings)
     if args.out:
-        if ckpt.spec is None:
-            parser.error("--out writes an RPG artifact; this checkpoint is a plain model")
         report["file_bytes"] = export(ckpt, args.out, "rpg", rings=packed)
     print(json.dumps(report, indent=1))
 

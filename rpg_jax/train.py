@@ -8,6 +8,7 @@ returns cleanly.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging as std_logging
@@ -26,6 +27,7 @@ from tqdm import tqdm
 
 from rpg_jax import checkpoints, data, experiment, sharding, steps
 from rpg_jax import config as config_lib
+from rpg_jax import workdir as workdir_lib
 from rpg_jax.generator import count, make_tables
 from rpg_jax.metrics import MetricWriter, read_metrics
 
@@ -109,14 +111,45 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     Returns the summary (also written to ``WORKDIR/summary.json``). A SIGTERM at any time,
     or ``stop`` being set (checked after every step, also if set before the call), saves a
     checkpoint after the current step and returns (``summary["preempted"]``).
+
+    The run holds an exclusive lock on ``workdir`` (``rpg_jax.workdir``): a second run on
+    it raises ``WorkdirBusyError``. A damaged newest checkpoint is moved to
+    ``WORKDIR/checkpoints_damaged`` and the previous one resumed. Non-finite state (checked
+    at every log step and before every save) raises ``NonFiniteStateError`` and is never
+    saved, so the finite checkpoints stay.
     """
-    with _PreemptionFlag(stop) as flag:
+    config_lib.validate(config)
+    with _workdir_lock(workdir), _PreemptionFlag(stop) as flag:
         return _train_and_evaluate(config, workdir, flag)
+
+
+@contextlib.contextmanager
+def _workdir_lock(workdir: str):
+    """The workdir lock, taken by process 0; every process raises if it is held."""
+    if jax.process_count() == 1:
+        with workdir_lib.locked(workdir):
+            yield
+        return
+    from jax.experimental import multihost_utils
+
+    with contextlib.ExitStack() as stack:
+        error = None
+        if jax.process_index() == 0:
+            try:
+                stack.enter_context(workdir_lib.locked(workdir))
+            except workdir_lib.WorkdirBusyError as e:
+                error = e
+        busy = multihost_utils.broadcast_one_to_all(np.int32(error is not None))
+        if error is not None:
+            raise error
+        if int(busy):
+            raise workdir_lib.WorkdirBusyError(f"workdir {workdir!r} is in use by another run "
+                                               "(see process 0's error)")
+        yield
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                         flag: _PreemptionFlag) -> dict[str, Any]:
-    config_lib.validate(config)
     _check_devices(config)
     info = data.dataset_info(config.dataset, config.data_dir or None,
                              synthetic_size=config.synthetic_size or None)
@@ -124,10 +157,14 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     os.makedirs(workdir, exist_ok=True)
 
     manager = checkpoints.make_manager(workdir, config.keep_checkpoints)
-    latest = manager.latest_step()
-    if latest is not None:
-        saved_config, saved_spec, _ = checkpoints.read_meta(manager, latest)
-        checkpoints.check_compatible(saved_config, saved_spec, config, exp.spec, latest)
+
+    def check(step, saved_config, saved_spec, saved_info):
+        checkpoints.check_compatible(saved_config, saved_spec, config, exp.spec, step,
+                                     exp.num_steps, saved_info, info)
+
+    meta = checkpoints.latest_meta(manager, workdir)  # refuse a bad config before any work
+    if meta is not None:
+        check(*meta)
 
     mesh = sharding.data_mesh()
     replicated, batch_sharding = sharding.replicated(mesh), sharding.batch_sharded(mesh)
@@ -149,14 +186,20 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         synthetic_size=synthetic_size)
 
     pending: list[dict[str, Any]] = []  # per-step train metrics since the last log record
-    if latest is None:
-        state = jax.device_put(experiment.initial_state(exp), replicated)
-    else:
+    resumed = None
+    if meta is not None:
         target = jax.tree.map(
             lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
             experiment.abstract_state(exp))
-        state, pending = checkpoints.restore(manager, latest, target, train_iter)
-        logging.info("Resumed from the checkpoint at step %d", latest)
+        resumed = checkpoints.restore_latest(manager, workdir, target, train_iter,
+                                             config.batch_size, check)
+    if resumed is None:
+        state = jax.device_put(experiment.initial_state(exp), replicated)
+        examples_at_start = 0
+    else:
+        state, pending, examples_at_start = resumed.state, resumed.pending, resumed.examples
+        logging.info("Resumed from the checkpoint at step %d (%d training examples seen)",
+                     resumed.step, resumed.examples)
     tables = (make_tables(exp.spec, replicated, inverse=config.rpg.backward == "gather")
               if exp.spec is not None else {})
 
@@ -178,6 +221,18 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
     writer = MetricWriter(workdir)
     step = int(jax.device_get(state.step))
+    step_at_start = step
+
+    def examples() -> int:
+        """The data stream's position: training examples consumed so far."""
+        return examples_at_start + (step - step_at_start) * config.batch_size
+
+    def save() -> None:
+        try:
+            checkpoints.save(manager, step, state, train_iter, exp, pending, examples())
+        except checkpoints.NonFiniteStateError as e:
+            raise _diverged(str(e), manager) from None
+
     writer.truncate_after(step)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -226,6 +281,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                              means["learning_rate"], rate)
             pending = []
             window_start, window_steps, paused = time.perf_counter(), 0, 0.0
+            bad, _ = checkpoints.state_health(state)
+            if bad or not np.isfinite(means["loss"]):
+                raise _diverged(checkpoints.non_finite_message(step, bad, means["loss"]),
+                                manager)
         if step == num_steps or flag.raised or (nproc > 1 and manager.reached_preemption(step)):
             break
         evaluating = eval_every and step % eval_every == 0
@@ -236,7 +295,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         pause_start = time.perf_counter()
         last_eval = run_eval() if evaluating else {}
         if saving:
-            checkpoints.save(manager, step, state, train_iter, exp, pending)
+            save()
         paused += time.perf_counter() - pause_start
     preempted = step < num_steps
     bar.close()
@@ -246,7 +305,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     elif step > first_step or not last_eval:
         last_eval = run_eval()
     if manager.latest_step() != step:
-        checkpoints.save(manager, step, state, train_iter, exp, pending)
+        save()
     manager.wait_until_finished()
     manager.close()
     summary_path = os.path.join(workdir, SUMMARY_FILE)
@@ -276,6 +335,18 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             json.dump(summary, f, indent=1)
         os.replace(summary_path + ".tmp", summary_path)
     return summary
+
+
+def _diverged(message: str, manager) -> checkpoints.NonFiniteStateError:
+    """The divergence error, after the pending saves finish (none of them is non-finite)."""
+    manager.wait_until_finished()
+    kept = sorted(manager.all_steps())
+    manager.close()
+    where = (f"the finite checkpoints (steps {kept}) are kept in {str(manager.directory)!r}"
+             if kept else "no checkpoint was saved")
+    return checkpoints.NonFiniteStateError(
+        f"{message}. Nothing non-finite was saved; {where}. Lower config.learning_rate, add "
+        "warm-up (config.warmup_epochs) or check the data, then resume or use a new workdir")
 
 
 def _recorded_eval(workdir: str, step: int) -> dict[str, Any]:
