@@ -2,8 +2,11 @@
 # RPG vs plain on one NVIDIA GPU: ImageNet ResNet18 and ResNet50 at 224x224, bfloat16
 # compute, batch 256, ring 2,359,296: images/s (paired, median of 10 rounds) of the plain step
 # and of the RPG step with the gather backward (default) and the scatter backward
-# (rpg.backward="scatter"), compile time and the compiled step's memory. Writes benchmarks/results/gpu.json (or $OUT/gpu.json).
-# Takes about 4 minutes on an H200. Target: RPG/plain throughput >= 0.98.
+# (rpg.backward="scatter"), compile time and the compiled step's memory. Writes benchmarks/results/gpu.json (or $OUT/gpu.json);
+# then RPG ResNet18 train_and_evaluate runs fed by the host JPEG path and by DALI
+# (benchmarks/imagenet_pipeline.py --train_run) into imagenet_train_gpu.json beside it.
+# Takes about 4 minutes on an H200 (the train runs: a few more, not yet timed). Target: RPG/plain
+# throughput >= 0.98.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}
@@ -30,6 +33,17 @@ for model in resnet18 resnet50; do
     $py benchmarks/train_step.py --model "$model" --image_size 224 --batch_size 256 \
     --half_precision --ring_size 2359296 --pairs 3 --out "$tmp/${model}_slop1.json"
 done
+# ImageNet input pipeline feeding a full train_and_evaluate of RPG ResNet18 (bf16, batch 256)
+# on a synthetic JPEG set in the imagenet2012 array_record layout: the host JPEG path and
+# NVIDIA DALI (image_decoder="dali"; skipped, and said so in the JSON, when DALI is missing).
+$py -m pip install -q "simplejpeg>=1.7" "opencv-python-headless>=4.8" \
+  || echo "could not install the host JPEG path's packages"
+$py -m pip install -q nvidia-dali-cuda120 || echo "NVIDIA DALI not installed: its run is skipped"
+step_rate=$($py -c "import json; r = json.load(open('$tmp/resnet18.json'))['train_step']
+print(r['images_per_sec']['rpg'])" 2>/dev/null || echo "")
+$py benchmarks/imagenet_pipeline.py --train_run --data_dir "$tmp/jpegs" --num_train 1536 \
+  --num_eval 640 --train_steps 300 ${step_rate:+--step_rate "$step_rate"} \
+  --out "$out_dir/imagenet_train_gpu.json"
 $py - "$tmp" "$out_dir/gpu.json" <<'PY'
 import json, pathlib, sys
 tmp = pathlib.Path(sys.argv[1])

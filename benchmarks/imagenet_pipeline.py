@@ -84,17 +84,27 @@ def imagenet_like_size(rng: np.random.Generator) -> tuple[int, int]:
     return (long_side, short_side) if rng.random() < 0.25 else (short_side, long_side)
 
 
-def jpeg_examples(n: int, seed: int):
-    """Yields ``{"image": JPEG bytes, "label", "file_name"}`` for the TFDS writer."""
+def _jpeg_example(seed_and_index: tuple[int, int]) -> dict:
     from PIL import Image
 
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        h, w = imagenet_like_size(rng)
-        buf = io.BytesIO()
-        Image.fromarray(natural_image(rng, h, w)).save(buf, "JPEG", quality=90)
-        yield {"image": buf.getvalue(), "label": int(rng.integers(1000)),
-               "file_name": f"synthetic_{seed}_{i:06d}.JPEG"}
+    seed, i = seed_and_index
+    rng = np.random.default_rng([seed, i])
+    h, w = imagenet_like_size(rng)
+    buf = io.BytesIO()
+    Image.fromarray(natural_image(rng, h, w)).save(buf, "JPEG", quality=90)
+    return {"image": buf.getvalue(), "label": int(rng.integers(1000)),
+            "file_name": f"synthetic_{seed}_{i:06d}.JPEG"}
+
+
+def jpeg_examples(n: int, seed: int):
+    """Yields ``{"image": JPEG bytes, "label", "file_name"}`` for the TFDS writer.
+
+    Example ``i`` depends on ``(seed, i)`` only; made by one process per core.
+    """
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(os.cpu_count()) as pool:
+        yield from pool.imap(_jpeg_example, [(seed, i) for i in range(n)], chunksize=8)
 
 
 def ensure_data(data_dir: str, num_train: int, num_eval: int) -> dict:
@@ -224,6 +234,38 @@ def child_tfdata(args) -> float:
     return _time_batches(iter(ds), args.batch_size, args.warmup, args.timed)
 
 
+def paired_transform_rates(data_dir: str, rounds: int, per_round: int = 64) -> dict:
+    """Today's vs the new per-image work (read, decode, crop, resize) on one pinned core.
+
+    The two alternate every ``per_round`` images in one process, so load from other
+    processes hits both alike; returns median images/s and the median paired ratio.
+    """
+    from rpg_jax.data import hashing, pipeline, sources
+
+    _pin(1)
+    result = {}
+    for mode, split in (("train", "train"), ("eval", "validation")):
+        src = sources.tfds_source("imagenet2012", split, data_dir, encoded=True)
+        readers = {d: pipeline._ImageReader(src, 224, d, "error") for d in ("pil", "turbo")}
+        out = np.empty((224, 224, 3), np.uint8)
+        rates: dict[str, list[float]] = {"pil": [], "turbo": []}
+        for r in range(rounds):
+            indices = [(r * per_round + j) % len(src) for j in range(per_round)]
+            keys = hashing.example_bits(0, np.array(indices)).tolist()
+            for decoder, reader in readers.items():
+                start = time.perf_counter()
+                for i, key in zip(indices, keys, strict=True):
+                    reader.train(i, key, out) if mode == "train" else reader.eval(i, out)
+                rates[decoder].append(per_round / (time.perf_counter() - start))
+        result[mode] = {
+            "today_images_per_sec": statistics.median(rates["pil"]),
+            "new_images_per_sec": statistics.median(rates["turbo"]),
+            "new_over_today": statistics.median(
+                [a / b for a, b in zip(rates["turbo"], rates["pil"], strict=True)]),
+        }
+    return result
+
+
 def run_child(python: str, case: dict, args) -> float:
     cmd = [python, os.path.abspath(__file__), "--child", case["path"], "--mode", case["mode"],
            "--workers", str(case["workers"]), "--data_dir", args.data_dir,
@@ -240,6 +282,72 @@ def run_child(python: str, case: dict, args) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
+# ------------------------------------------------------------------ train runs (GPU)
+
+
+def host_pipeline_rate(data_dir: str, batch_size: int, workers: int, batches: int = 30) -> float:
+    """images/s of the host train iterator alone (``decoder="turbo"``, all cores)."""
+    from rpg_jax import data
+
+    it = data.make_train_iterator("imagenet2012", global_batch_size=batch_size, seed=0,
+                                  data_dir=data_dir, worker_count=workers)
+    return _time_batches(it, batch_size, 5, batches)
+
+
+def train_runs(args) -> dict:
+    """``train_and_evaluate`` of RPG ResNet18 (bf16, batch 256) with the host path and DALI.
+
+    Reports the loop's images/s next to the host pipeline alone and the train step alone
+    (``--step_rate``, e.g. from benchmarks/results/gpu.json): a loop more than 10% below
+    the step's rate is input-bound.
+    """
+    import importlib.util
+    import inspect
+
+    import jax
+
+    from rpg_jax import train
+    from rpg_jax.config import validate
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__))), "configs"))
+    import imagenet_resnet18_rpg
+
+    workers = args.train_workers or max(1, (os.cpu_count() or 2) - 2)
+    result = {"steps": args.train_steps, "worker_count": workers,
+              "backend": jax.default_backend(), "step_rate_images_per_sec": args.step_rate,
+              "host_pipeline_images_per_sec": host_pipeline_rate(args.data_dir, 256, workers)}
+    for decoder in ("turbo", "dali"):
+        if decoder == "dali":
+            if importlib.util.find_spec("nvidia") is None or importlib.util.find_spec(
+                    "nvidia.dali") is None:
+                result[decoder] = {"skipped": "NVIDIA DALI is not installed"}
+                continue
+            if "image_decoder" not in inspect.getsource(train):
+                result[decoder] = {"skipped": "rpg_jax/train.py does not pass "
+                                   "config.image_decoder to make_train_iterator"}
+                continue
+        config = imagenet_resnet18_rpg.get_config()
+        config.data_dir = args.data_dir
+        config.half_precision = True
+        config.num_train_steps = args.train_steps
+        config.log_every_steps = 50
+        config.eval_every_steps = 0
+        config.eval_steps = 4
+        config.checkpoint_every_steps = 0
+        config.worker_count = workers
+        config.image_decoder = decoder
+        validate(config)
+        with tempfile.TemporaryDirectory() as workdir:
+            summary = train.train_and_evaluate(config, workdir)
+        rate = summary["images_per_sec"]
+        result[decoder] = {"images_per_sec": rate, "train_seconds": summary["train_seconds"],
+                           "input_bound": None if args.step_rate is None
+                           else rate < 0.9 * args.step_rate}
+        print(decoder, json.dumps(result[decoder]), file=sys.stderr)
+    return result
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -248,14 +356,21 @@ def main() -> None:
     parser.add_argument("--data_dir", default=os.path.join(tempfile.gettempdir(),
                                                            "rpg_jax_imagenet_jpegs"))
     parser.add_argument("--num_train", type=int, default=1536)
-    parser.add_argument("--num_eval", type=int, default=640)
+    parser.add_argument("--num_eval", type=int, default=1280)
     parser.add_argument("--tf_python", default="", help="python of a tensorflow-cpu venv")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--paired_rounds", type=int, default=20)
     parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--timed", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--timed", type=int, default=16)
     parser.add_argument("--model_rate", type=float, default=H200_RESNET18_RATE)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--train_run", action="store_true",
+                        help="instead: train_and_evaluate runs, host path and DALI (GPU)")
+    parser.add_argument("--train_steps", type=int, default=300)
+    parser.add_argument("--train_workers", type=int, default=0, help="0: cores - 2")
+    parser.add_argument("--step_rate", type=float, default=None,
+                        help="images/s of the train step alone, for the input-bound check")
     parser.add_argument("--child", choices=("today", "new", "tfdata"), default=None,
                         help=argparse.SUPPRESS)
     parser.add_argument("--mode", choices=("train", "eval"), default="train")
@@ -271,11 +386,15 @@ def main() -> None:
     from _util import emit, machine  # benchmarks/_util.py (imports jax: parent only)
 
     stats = ensure_data(args.data_dir, args.num_train, args.num_eval)
+    if args.train_run:
+        emit({"machine": machine(), "data": stats, "train_runs": train_runs(args)}, args.out)
+        return
+    loads = [os.getloadavg()]
+    paired = paired_transform_rates(args.data_dir, args.paired_rounds)
     paths = ["today", "new"] + (["tfdata"] if args.tf_python else [])
     cases = [{"path": p, "mode": m, "workers": w}
              for m in ("train", "eval") for w in (1, 2) for p in paths]
     rates: dict[str, list[float]] = {}
-    loads = [os.getloadavg()]
     for _ in range(args.rounds):
         for case in cases:
             python = args.tf_python if case["path"] == "tfdata" else sys.executable
@@ -299,6 +418,7 @@ def main() -> None:
     result = {
         "machine": machine(), "loadavg": loads, "data": stats,
         "settings": {k: getattr(args, k) for k in ("rounds", "batch_size", "warmup", "timed")},
+        "paired_one_core_transforms": paired,
         "per_round_images_per_sec_per_core": rates, "table": table,
         "model_rate_images_per_sec": {"plain": args.model_rate, "rpg": rpg_rate},
         "host_cores_per_accelerator_train": cores,
