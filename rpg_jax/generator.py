@@ -34,10 +34,11 @@ WHERE = ("host", "device")
 class DeviceTables:
     """Tables computed on the device inside the step: a pytree without leaves.
 
-    ``backward``: "gather" (through the inverse map, computed in the backward pass for the
-    whole ring) or "scatter" (a scatter-add per kernel through its recomputed forward
-    indices). ``remat``: kernels are tagged ``KERNEL_NAME`` for ``checkpoint_kernels``, so
-    they are regenerated in the backward pass instead of being kept (needs "scatter").
+    ``backward``: "gather" (through the inverse map, computed in the backward pass) or
+    "scatter" (scatter-adds through the forward indices, recomputed in the backward pass).
+    ``remat``: each kernel is generated on its own and tagged ``KERNEL_NAME`` for
+    ``checkpoint_kernels``, so it can be regenerated in the backward pass instead of being
+    kept; its gradient is scatter-added into the ring's at once (needs "scatter").
     """
 
     backward: str = "scatter"
@@ -215,42 +216,45 @@ def _device_forward(key, layer=None) -> jax.Array:
                                     layer=layer)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _device_expand_ring(key, layout: _Layout, ring):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _device_expand_ring(key, layout: _Layout, backward: str, ring):
     return _gather_leaves(layout, ring, _device_forward(key))
 
 
-def _device_expand_ring_fwd(key, layout, ring):
-    return _gather_leaves(layout, ring, _device_forward(key)), None
+def _device_expand_ring_fwd(key, layout, backward, ring):
+    # Nothing is kept (the ring is an input): the backward recomputes what it needs.
+    return _gather_leaves(layout, ring, _device_forward(key)), ring
 
 
-def _device_expand_ring_bwd(key, layout, _, cotangents):
+def _device_expand_ring_bwd(key, layout, backward, ring, cotangents):
+    if backward == "scatter":
+        return _expand_ring_scatter_bwd(layout, (ring, _device_forward(key)), cotangents)[:1]
     sizes, n, seed, name, mode = key
     inverse = device_map.inverse_table(sizes, n, seed=seed, ring_name=name, mode=mode)
-    return (_expand_ring_bwd(layout, inverse, cotangents)[0],)
+    return _expand_ring_bwd(layout, inverse, cotangents)[:1]
 
 
 _device_expand_ring.defvjp(_device_expand_ring_fwd, _device_expand_ring_bwd)
 
 
-def _device_kernel(key, layer: int, leaf, ring):
-    return _gather_leaves((leaf,), ring, _device_forward(key, layer))[0]
-
-
-_device_leaf = jax.custom_vjp(_device_kernel, nondiff_argnums=(0, 1, 2))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _device_leaf(key, layer: int, leaf, ring):
+    """One kernel and the ring passed through unchanged. Chaining the ring through the
+    kernels of a ring makes the backward accumulate the ring's gradient in place, one
+    kernel after another, instead of one ring-sized gradient per kernel."""
+    return _gather_leaves((leaf,), ring, _device_forward(key, layer))[0], ring
 
 
 def _device_leaf_fwd(key, layer, leaf, ring):
-    # Only the ring (an input) is kept: the backward recomputes this kernel's indices.
-    return _device_kernel(key, layer, leaf, ring), ring
+    return _device_leaf(key, layer, leaf, ring), None  # the backward recomputes the indices
 
 
-def _device_leaf_bwd(key, layer, leaf, ring, cotangent):
+def _device_leaf_bwd(key, layer, leaf, _, cotangents):
+    kernel_ct, grad = cotangents
     table = _device_forward(key, layer)
-    g = cotangent.astype(ring.dtype).reshape(-1) * jnp.asarray(leaf[2], ring.dtype)
-    grad = jnp.zeros_like(ring).at[table & _INDEX_MASK].add(jnp.where(table < 0, -g, g),
-                                                            mode="promise_in_bounds")
-    return (grad,)
+    g = kernel_ct.astype(grad.dtype).reshape(-1) * jnp.asarray(leaf[2], grad.dtype)
+    return (grad.at[table & _INDEX_MASK].add(jnp.where(table < 0, -g, g),
+                                             mode="promise_in_bounds"),)
 
 
 _device_leaf.defvjp(_device_leaf_fwd, _device_leaf_bwd)
@@ -315,13 +319,13 @@ def generate_params(bank: Bank, spec: RPGSpec, tables: Tables | None = None) -> 
         if isinstance(tables, DeviceTables):
             key = (tuple(leaf.size for leaf in members), ring.size, spec.seed, ring.name,
                    spec.mode)
-            if tables.backward == "gather":
-                kernels = _device_expand_ring(key, layout, values)
-            else:
-                kernels = tuple(_device_leaf(key, i, layout[i], values)
-                                for i in range(len(members)))
             if tables.remat:
-                kernels = tuple(checkpoint_name(k, KERNEL_NAME) for k in kernels)
+                kernels, chained = [], values
+                for i, leaf in enumerate(layout):
+                    k, chained = _device_leaf(key, i, leaf, chained)
+                    kernels.append(checkpoint_name(k, KERNEL_NAME))
+            else:
+                kernels = _device_expand_ring(key, layout, tables.backward, values)
             leaves.update({leaf.path: k for leaf, k in zip(members, kernels, strict=True)})
             continue
         t = tables[ring.name]
