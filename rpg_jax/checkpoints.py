@@ -444,6 +444,8 @@ def check_compatible(saved_config: dict, saved_spec: RPGSpec | None,
             current, field)
         if old == new or field in config_lib.RESUME_FREE:
             continue
+        if field.startswith("vit.") and not config_lib.is_vit(config):
+            continue  # unused by this model
         if old is None and field not in config_lib.RESUME_FIXED and not field.startswith("vit"):
             continue  # a field added after the checkpoint was written
         fixed_field = config_lib.is_fixed_on_resume(field)

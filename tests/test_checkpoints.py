@@ -102,16 +102,21 @@ def test_resume_with_changed_field_raises_and_leaves_checkpoints(field, value, r
 
 
 def test_resume_with_compatible_changes_is_accepted(rpg_run, tmp_path):
-    """Fields that do not define the model (here the learning rate) may change on resume."""
+    """Fields that do not define the model may change on resume: bookkeeping freely, the
+    learning rate when the run names it in ``resume_overrides``."""
     src, _ = rpg_run
     workdir = tmp_path / "copy"
     shutil.copytree(src, workdir)
     manager = checkpoints.make_manager(str(workdir), read_only=True)
     saved_config, saved_spec, info = checkpoints.read_meta(manager, 8)
     manager.close()
-    config = tiny_config(learning_rate=0.05, num_train_steps=12, log_every_steps=3)
+    config = tiny_config(learning_rate=0.05, num_train_steps=12, log_every_steps=3,
+                         resume_overrides="learning_rate")
     exp = experiment.build(config, info)
     checkpoints.check_compatible(saved_config, saved_spec, config, exp.spec, 8)  # no raise
+    config.resume_overrides = ""
+    with pytest.raises(ValueError, match=r"config\.learning_rate=0\.1, but .*resume_overrides"):
+        checkpoints.check_compatible(saved_config, saved_spec, config, exp.spec, 8)
     with pytest.raises(ValueError, match=r"config\.rpg\.seed=0.*config\.rpg\.seed=3"):
         checkpoints.check_compatible(saved_config, saved_spec,
                                      tiny_config(**{"rpg.seed": 3}), exp.spec, 8)
