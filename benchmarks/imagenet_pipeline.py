@@ -316,7 +316,9 @@ def train_runs(args) -> dict:
     workers = args.train_workers or max(1, (os.cpu_count() or 2) - 2)
     result = {"steps": args.train_steps, "worker_count": workers,
               "backend": jax.default_backend(), "step_rate_images_per_sec": args.step_rate,
-              "host_pipeline_images_per_sec": host_pipeline_rate(args.data_dir, 256, workers)}
+              "batch_size": args.train_batch_size,
+              "host_pipeline_images_per_sec": host_pipeline_rate(
+                  args.data_dir, args.train_batch_size, workers)}
     for decoder in ("turbo", "dali"):
         if decoder == "dali":
             if importlib.util.find_spec("nvidia") is None or importlib.util.find_spec(
@@ -330,6 +332,7 @@ def train_runs(args) -> dict:
         config = imagenet_resnet18_rpg.get_config()
         config.data_dir = args.data_dir
         config.half_precision = True
+        config.batch_size = args.train_batch_size
         config.num_train_steps = args.train_steps
         config.log_every_steps = 50
         config.eval_every_steps = 0
@@ -368,6 +371,7 @@ def main() -> None:
     parser.add_argument("--train_run", action="store_true",
                         help="instead: train_and_evaluate runs, host path and DALI (GPU)")
     parser.add_argument("--train_steps", type=int, default=300)
+    parser.add_argument("--train_batch_size", type=int, default=256)
     parser.add_argument("--train_workers", type=int, default=0, help="0: cores - 2")
     parser.add_argument("--step_rate", type=float, default=None,
                         help="images/s of the train step alone, for the input-bound check")
