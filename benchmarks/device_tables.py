@@ -9,8 +9,7 @@ Kinds (the same train step, SGD momentum 0.9 with coupled weight decay, ring 2,3
 ``plain`` (no RPG); ``host`` (host tables, gather backward through the inverse table);
 ``host_scatter`` (forward table only); ``device_gather`` (indices computed in the step,
 backward gathers through the inverse map computed in the step); ``device_scatter``
-(per-kernel scatter-add through recomputed indices); ``device_remat`` (device_scatter with
-each kernel regenerated in the backward pass: ``checkpoint_kernels``).
+(scatter-adds through the forward indices recomputed in the backward pass).
 
 * ``memory``: ``memory_analysis()`` of the compiled step (arguments + outputs + temporaries
   - aliases) and the saving over plain as a fraction of the ideal one: plain's float32
@@ -19,7 +18,7 @@ each kernel regenerated in the backward pass: ``checkpoint_kernels``).
 * ``step``: step times, the kinds alternating in rotating order in one process; each ratio
   is the median over rounds of (kind / plain).
 * ``large``: a ViT whose blocks generate >= 100M weights from a 1M ring: compiled memory of
-  plain and device_remat (and the size host tables would need), and paired step times.
+  plain and the device paths (and the size host tables would need), paired step times.
 * ``first_step``: seconds from the spec to the end of the first train step (table
   derivation, transfer, compile, run), each kind in a fresh process.
 """
@@ -42,7 +41,6 @@ import optax
 import rpg_jax
 from _util import emit, machine  # benchmarks/_util.py (the script directory is on sys.path)
 from rpg_jax import steps
-from rpg_jax.generator import checkpoint_kernels
 
 RING = 2_359_296
 KINDS = {
@@ -51,32 +49,8 @@ KINDS = {
     "host_scatter": dict(where="host", inverse=False),
     "device_gather": dict(where="device", inverse=True),
     "device_scatter": dict(where="device", inverse=False),
-    "device_remat": dict(where="device", inverse=False, remat=True),
 }
 MEAN, STD = (0.5,) * 3, (0.25,) * 3
-
-
-def make_train_step(model, tx, spec, dtype=jnp.float32):
-    """``steps.make_train_step`` with its loss under ``checkpoint_kernels`` (a no-op but for
-    remat tables): what the train step does with ``rpg.tables = "device_remat"``."""
-    to_params = steps.params_fn(spec)
-
-    def train_step(state, batch, tables):
-        images = steps.normalize(batch["image"], MEAN, STD, dtype)
-
-        def loss_fn(trainable):
-            variables = {"params": to_params(trainable, tables), "batch_stats": state.batch_stats}
-            logits, updates = model.apply(variables, images, train=True, mutable=["batch_stats"])
-            loss = steps.cross_entropy(logits, batch["label"]).mean()
-            return loss, updates.get("batch_stats", {})
-
-        (loss, batch_stats), grads = jax.value_and_grad(
-            checkpoint_kernels(loss_fn, tables), has_aux=True)(state.trainable)
-        updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
-        return state.replace(step=state.step + 1, trainable=optax.apply_updates(
-            state.trainable, updates), opt_state=opt_state, batch_stats=batch_stats), loss
-
-    return train_step
 
 
 def _model(name: str, image_size: int, dtype=jnp.float32, **kwargs):
@@ -110,7 +84,8 @@ class Case:
         state = jax.tree.map(jnp.copy, steps.init_state(
             trainable, self.variables.get("batch_stats", {}), self.tx))
         tables = {} if spec is None else rpg_jax.make_tables(spec, **options)
-        step = jax.jit(make_train_step(self.model, self.tx, spec), donate_argnums=0)
+        step = jax.jit(steps.make_train_step(self.model, self.tx, spec, MEAN, STD),
+                       donate_argnums=0)
         jax.clear_caches()  # a repeated lower().compile() would otherwise be a cache hit
         start = time.perf_counter()
         compiled = step.lower(state, self.batch, tables).compile()
@@ -165,8 +140,8 @@ def _paired(case: Case, kinds: list[str], pairs: int) -> dict:
     def one(kind: str) -> float:
         r = runs[kind]
         start = time.perf_counter()
-        r["state"], loss = r["fn"](r["state"], case.batch, r["tables"])
-        jax.block_until_ready((r["state"], loss))
+        r["state"], metrics = r["fn"](r["state"], case.batch, r["tables"])
+        jax.block_until_ready((r["state"], metrics))
         return time.perf_counter() - start
 
     for _ in range(2):  # warm-up
@@ -215,8 +190,8 @@ def _first_step_child(model: str, kind: str) -> None:
     setup = time.perf_counter() - start
     t0 = time.perf_counter()
     built = case.build(kind)
-    state, loss = built["fn"](built["state"], case.batch, built["tables"])
-    jax.block_until_ready((state, loss))
+    state, metrics = built["fn"](built["state"], case.batch, built["tables"])
+    jax.block_until_ready((state, metrics))
     print(json.dumps({"model_setup_s": setup, "tables_compile_first_step_s":
                       time.perf_counter() - t0, "compile_s": built["compile_s"]}))
 
@@ -261,7 +236,7 @@ def main() -> None:
                               args.pairs)
     elif args.what == "large":
         result["large"] = large(args.kinds.split(",") if args.kinds else
-                                ["plain", "device_scatter", "device_remat"], args.pairs)
+                                ["plain", "device_gather", "device_scatter"], args.pairs)
     else:
         result["first_step"] = first_step(args.model, args.kinds.split(",") if args.kinds
                                           else ["host", "device_scatter"], args.repeats)

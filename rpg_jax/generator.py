@@ -17,7 +17,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.ad_checkpoint import checkpoint_name
 
 from rpg_jax import device_map
 from rpg_jax.index_map import inverse_table, ring_tables
@@ -26,7 +25,6 @@ from rpg_jax.trees import flatten_params, path_name, unflatten_params
 
 Bank = dict[str, Any]  # {"rings": {name: f32[N]}, "free": nested dict of free params}
 _INDEX_MASK = 0x7FFFFFFF
-KERNEL_NAME = "rpg_kernel"  # jax.checkpoint name of every kernel generated with remat
 WHERE = ("host", "device")
 
 
@@ -36,21 +34,13 @@ class DeviceTables:
 
     ``backward``: "gather" (through the inverse map, computed in the backward pass) or
     "scatter" (scatter-adds through the forward indices, recomputed in the backward pass).
-    ``remat``: each kernel is generated on its own and tagged ``KERNEL_NAME`` for
-    ``checkpoint_kernels``, so it can be regenerated in the backward pass instead of being
-    kept; its gradient is scatter-added into the ring's at once (needs "scatter").
     """
 
-    backward: str = "scatter"
-    remat: bool = False
+    backward: str = "gather"
 
     def __post_init__(self):
         if self.backward not in ("gather", "scatter"):
             raise ValueError(f"backward={self.backward!r}: expected 'gather' or 'scatter'")
-        if self.remat and self.backward != "scatter":
-            raise ValueError("remat=True regenerates one kernel at a time and needs the "
-                             "scatter backward (inverse=False); the gather backward reads "
-                             "every kernel's gradient at once")
 
 
 jax.tree_util.register_pytree_node(DeviceTables, lambda t: ((), t), lambda t, _: t)
@@ -95,8 +85,7 @@ _DEVICE_BACKWARD = {"cpu": "scatter"}
 
 
 def make_tables(spec: RPGSpec, sharding: jax.sharding.Sharding | None = None, *,
-                inverse: bool | None = None, where: str = "host",
-                remat: bool = False) -> Tables:
+                inverse: bool | None = None, where: str = "host") -> Tables:
     """The index tables; pass them into jitted code as an argument.
 
     ``where="host"``: device arrays derived on the host (ImageNet ResNet50: about 2 s;
@@ -107,23 +96,20 @@ def make_tables(spec: RPGSpec, sharding: jax.sharding.Sharding | None = None, *,
 
     ``where="device"``: a ``DeviceTables`` marker, no arrays: indices and signs are computed
     inside the jitted step from the spec, the backward gathers through the inverse map
-    computed there (``inverse=True``) or scatter-adds (``inverse=False``); ``remat=True``
-    (scatter only) lets ``checkpoint_kernels`` regenerate each kernel in the backward pass.
+    computed there (``inverse=True``) or scatter-adds through recomputed forward indices
+    (``inverse=False``). Nothing table-sized is an argument or lives between the passes.
 
     ``inverse=None`` picks ``default_backward(where)``.
     """
     if where not in WHERE:
         raise ValueError(f"where={where!r}: expected one of {WHERE}")
     if inverse is None:
-        inverse = (default_backward(where) == "gather") and not remat
+        inverse = default_backward(where) == "gather"
     if where == "device":
         if spec.mode == "explicit":
             raise ValueError("a spec with explicit tables (spec_from_tables) has no index "
                              "map to compute on the device: use where='host'")
-        return DeviceTables("gather" if inverse else "scatter", remat)
-    if remat:
-        raise ValueError("remat=True needs where='device' (host tables stay on the device "
-                         "for the whole step anyway)")
+        return DeviceTables("gather" if inverse else "scatter")
     put = (lambda x: jax.device_put(x, sharding)) if sharding is not None else jnp.asarray
     return {
         name: {"forward": put(fwd), **({"inverse": put(inv)} if inverse else {})}
@@ -237,42 +223,6 @@ def _device_expand_ring_bwd(key, layout, backward, ring, cotangents):
 _device_expand_ring.defvjp(_device_expand_ring_fwd, _device_expand_ring_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _device_leaf(key, layer: int, leaf, ring):
-    """One kernel and the ring passed through unchanged. Chaining the ring through the
-    kernels of a ring makes the backward accumulate the ring's gradient in place, one
-    kernel after another, instead of one ring-sized gradient per kernel."""
-    return _gather_leaves((leaf,), ring, _device_forward(key, layer))[0], ring
-
-
-def _device_leaf_fwd(key, layer, leaf, ring):
-    return _device_leaf(key, layer, leaf, ring), None  # the backward recomputes the indices
-
-
-def _device_leaf_bwd(key, layer, leaf, _, cotangents):
-    kernel_ct, grad = cotangents
-    table = _device_forward(key, layer)
-    g = kernel_ct.astype(grad.dtype).reshape(-1) * jnp.asarray(leaf[2], grad.dtype)
-    return (grad.at[table & _INDEX_MASK].add(jnp.where(table < 0, -g, g),
-                                             mode="promise_in_bounds"),)
-
-
-_device_leaf.defvjp(_device_leaf_fwd, _device_leaf_bwd)
-
-
-def checkpoint_kernels(fn, tables: Tables):
-    """``fn`` under ``jax.checkpoint`` saving everything but the generated kernels when
-    ``tables`` ask for it (``make_tables(spec, where="device", remat=True)``), else ``fn``.
-
-    Wrap the loss function of a train step in it: the backward pass then regenerates each
-    kernel where it is needed, so the whole generated network is never alive at once.
-    """
-    if isinstance(tables, DeviceTables) and tables.remat:
-        policy = jax.checkpoint_policies.save_anything_except_these_names(KERNEL_NAME)
-        return jax.checkpoint(fn, policy=policy)
-    return fn
-
-
 def _check_bank(bank: Bank, spec: RPGSpec) -> None:
     if not isinstance(bank, dict) or set(bank) != {"rings", "free"}:
         keys = sorted(bank) if isinstance(bank, dict) else type(bank).__name__
@@ -319,13 +269,7 @@ def generate_params(bank: Bank, spec: RPGSpec, tables: Tables | None = None) -> 
         if isinstance(tables, DeviceTables):
             key = (tuple(leaf.size for leaf in members), ring.size, spec.seed, ring.name,
                    spec.mode)
-            if tables.remat:
-                kernels, chained = [], values
-                for i, leaf in enumerate(layout):
-                    k, chained = _device_leaf(key, i, leaf, chained)
-                    kernels.append(checkpoint_name(k, KERNEL_NAME))
-            else:
-                kernels = _device_expand_ring(key, layout, tables.backward, values)
+            kernels = _device_expand_ring(key, layout, tables.backward, values)
             leaves.update({leaf.path: k for leaf, k in zip(members, kernels, strict=True)})
             continue
         t = tables[ring.name]

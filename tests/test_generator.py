@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 import rpg_jax
 from rpg_jax import sharding
+from rpg_jax.generator import DeviceTables
 from rpg_jax.index_map import _Feistel, decode, ring_tables
 from rpg_jax.spec import flatten_params, unflatten_params
 
@@ -177,13 +178,14 @@ def test_jit_and_eager_agree_and_spec_is_static():
         np.testing.assert_allclose(x, y, rtol=1e-6)
 
 
-def test_sharded_bank_on_a_mesh():
+@pytest.mark.parametrize("where", ["host", "device"])
+def test_sharded_bank_on_a_mesh(where):
     params = toy_params()
     spec = rpg_jax.make_spec(params, 0.5)
     bank = rpg_jax.init_bank(jax.random.key(0), spec, params)
     replicated = sharding.replicated(sharding.data_mesh())
     bank_r = jax.device_put(bank, replicated)
-    tables = rpg_jax.make_tables(spec, replicated)
+    tables = rpg_jax.make_tables(spec, replicated, where=where)
     out = jax.jit(rpg_jax.generate_params, static_argnums=1)(bank_r, spec, tables)
     want = rpg_jax.generate_params(bank, spec)
     for x, y in zip(jax.tree.leaves(out), jax.tree.leaves(want), strict=True):
@@ -214,6 +216,63 @@ def test_gradients_match_plain_gather(mode, groups, inverse):
     out, ref = rpg_jax.generate_params(bank, spec, tables), reference_params(bank, spec)
     for x, y in zip(jax.tree.leaves(out), jax.tree.leaves(ref), strict=True):
         np.testing.assert_allclose(x, y, rtol=1e-6)
+
+
+DEVICE_KINDS = {"device_gather": dict(inverse=True), "device_scatter": dict(inverse=False)}
+
+
+@pytest.mark.parametrize("kind", list(DEVICE_KINDS))
+@pytest.mark.parametrize("mode", rpg_jax.MODES)
+@pytest.mark.parametrize("groups", ["stage", {"layer1": "early", "layer2": "late"}],
+                         ids=["stage", "mapping"])
+def test_device_indices_match_host_tables(mode, groups, kind):
+    """Indices computed in the step: the same params bit for bit, the same gradients."""
+    params = toy_params()
+    spec = rpg_jax.make_spec(params, 0.3, mode=mode, groups=groups, seed=3)
+    bank = rpg_jax.init_bank(jax.random.key(0), spec, params)
+    tables = rpg_jax.make_tables(spec, where="device", **DEVICE_KINDS[kind])
+    assert jax.tree.leaves(tables) == []
+    out = jax.jit(rpg_jax.generate_params, static_argnums=1)(bank, spec, tables)
+    for x, y in zip(jax.tree.leaves(out), jax.tree.leaves(rpg_jax.generate_params(bank, spec)),
+                    strict=True):
+        np.testing.assert_array_equal(x, y)
+    loss = lambda b, t: weighted_loss(rpg_jax.generate_params(b, spec, t))  # noqa: E731
+    g_fast = jax.jit(jax.grad(loss))(bank, tables)
+    g_slow = jax.grad(lambda b: weighted_loss(reference_params(b, spec)))(bank)
+    for x, y in zip(jax.tree.leaves(g_fast), jax.tree.leaves(g_slow), strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6 * float(jnp.max(jnp.abs(y))))
+
+
+def test_device_indices_take_no_table_arguments():
+    params = toy_params()
+    spec = rpg_jax.make_spec(params, 0.3)
+    bank = rpg_jax.init_bank(jax.random.key(0), spec, params)
+    tables = rpg_jax.make_tables(spec, where="device")
+    grad = jax.jit(jax.grad(lambda b, t: weighted_loss(rpg_jax.generate_params(b, spec, t))))
+    compiled = grad.lower(bank, tables).compile()
+    ring_bytes = 4 * spec.rings[0].size
+    free_bytes = sum(4 * leaf.size for leaf in spec.free)
+    assert compiled.memory_analysis().argument_size_in_bytes == ring_bytes + free_bytes
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(where="disk"), "where='disk'"),
+    ],
+)
+def test_make_tables_errors_name_the_value(kwargs, message):
+    with pytest.raises(ValueError) as e:
+        rpg_jax.make_tables(rpg_jax.make_spec(toy_params(), 0.5), **kwargs)
+    assert message in str(e.value)
+    derived = rpg_jax.make_spec(toy_params(), 300, seed=5)
+    forward, _ = rpg_jax.host_tables(derived)["ring"]
+    explicit = rpg_jax.spec_from_tables(toy_params(), 300, {
+        leaf.name: forward[leaf.offset : leaf.offset + leaf.size] for leaf in derived.generated})
+    with pytest.raises(ValueError, match="explicit tables"):
+        rpg_jax.make_tables(explicit, where="device")
+    with pytest.raises(ValueError, match="backward='both'"):
+        DeviceTables("both")
 
 
 def test_backward_has_no_scatter():
