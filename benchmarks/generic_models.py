@@ -45,7 +45,8 @@ class MLP(nn.Module):
         return nn.Dense(10)(x)
 
 
-def _sgd_run(apply, trainable, arrays, num_steps: int, lr: float = 0.05, batch: int = 128):
+def sgd_run(apply, trainable, arrays, num_steps: int, lr: float = 0.05, batch: int = 128):
+    """SGD momentum 0.9 on (x, y, x_test, y_test); returns (per-step losses, test top-1)."""
     x, y, xt, yt = arrays
     tx = optax.sgd(lr, momentum=0.9)
     opt = tx.init(trainable)
@@ -87,7 +88,7 @@ def mlp_table(num_steps: int) -> list[dict]:
 
     plain = lambda p, xb: model.apply({"params": p}, xb)  # noqa: E731
     record("plain", sum(a.size for a in jax.tree.leaves(params)),
-           *_sgd_run(plain, params, arrays, num_steps))
+           *sgd_run(plain, params, arrays, num_steps))
     for name, kwargs in [("rpg defaults", {}),
                          ("rpg select=kernels init=model", {"select": "kernels", "init": "model"}),
                          ("rpg select=kernels init=paper", {"select": "kernels", "init": "paper"})]:
@@ -96,7 +97,7 @@ def mlp_table(num_steps: int) -> list[dict]:
         tables = rpg_jax.make_tables(spec)
         apply = lambda b, xb, spec=spec, tables=tables: model.apply(  # noqa: E731
             {"params": rpg_jax.generate_params(b, spec, tables)}, xb)
-        record(name, rpg_jax.count(spec).trainable, *_sgd_run(apply, bank, arrays, num_steps))
+        record(name, rpg_jax.count(spec).trainable, *sgd_run(apply, bank, arrays, num_steps))
     return rows
 
 

@@ -4,6 +4,8 @@ selection, Flax NNX, and learning on real Fashion-MNIST with the plain model's s
 import functools
 import json
 import math
+import sys
+from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -17,6 +19,9 @@ import rpg_jax
 from rpg_jax.data import load_fashion_mnist
 from rpg_jax.layers import leaf_fans
 from rpg_jax.spec import flatten_params
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from generic_models import sgd_run  # noqa: E402  (the README table's training loop)
 
 # ------------------------------------------------------------------------ fans
 
@@ -267,31 +272,6 @@ def fashion_mnist():
     (x, y), (xt, yt) = data["train"], data["test"]
     norm = lambda a: (a.astype(np.float32) / 255.0 - 0.2860) / 0.3530
     return norm(x), y, norm(xt[:5000]), yt[:5000]
-
-
-def sgd_run(apply, trainable, data, steps, lr=0.05, batch=128, extra=None):
-    """SGD momentum 0.9 for ``steps`` steps; returns (first loss, losses, test accuracy)."""
-    x, y, xt, yt = data
-    tx = optax.sgd(lr, momentum=0.9)
-    opt = tx.init(trainable)
-
-    def loss_fn(t, xb, yb):
-        return optax.softmax_cross_entropy_with_integer_labels(apply(t, xb), yb).mean()
-
-    @jax.jit
-    def step(t, opt, xb, yb):
-        loss, g = jax.value_and_grad(loss_fn)(t, xb, yb)
-        updates, opt = tx.update(g, opt, t)
-        return optax.apply_updates(t, updates), opt, loss
-
-    rng = np.random.default_rng(0)
-    losses = []
-    for _ in range(steps):
-        i = rng.integers(0, len(x), batch)
-        trainable, opt, loss = step(trainable, opt, x[i], y[i])
-        losses.append(float(loss))
-    logits = jax.jit(apply)(trainable, xt)
-    return losses, float(np.mean(np.argmax(logits, -1) == yt))
 
 
 @pytest.mark.parametrize("select", ["auto", "kernels"])
