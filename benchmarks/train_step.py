@@ -4,14 +4,18 @@
         --half_precision --ring_size 2359296 [--pairs 7] [--out FILE]
 
 Same model, optimizer (SGD momentum 0.9, coupled weight decay) and device-resident uint8
-batch for all; the steps alternate (plain, rpg, rpg_scatter, in rotating order) and each
-ratio is the median of per-round ratios. ``rpg`` is the default gather backward (inverse
-tables), ``rpg_scatter`` the forward-table-only scatter backward (config rpg.backward).
+batch for all; the steps alternate (in rotating order) and each ratio is the median of
+per-round ratios. Kinds (``--kinds``): ``plain``; ``rpg``, the default gather backward
+(host-derived inverse tables); ``rpg_scatter``, the forward-table-only scatter backward
+(config rpg.backward); ``rpg_device`` and ``rpg_device_scatter``, indices computed inside
+the step (``make_tables(spec, where="device")``, no tables stored) with the gather backward
+through the inverse map computed on the device, or the scatter backward.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -39,9 +43,15 @@ def _memory(compiled) -> dict:
     return mb
 
 
+KINDS = {"plain": None, "rpg": dict(inverse=True), "rpg_scatter": dict(inverse=False),
+         "rpg_device": dict(where="device", inverse=True),
+         "rpg_device_scatter": dict(where="device", inverse=False)}
+
+
 def paired_step_benchmark(model_name: str, batch_size: int, image_size: int, ring_size: int,
                           half_precision: bool = False, pairs: int = 7,
-                          num_classes: int | None = None) -> dict:
+                          num_classes: int | None = None,
+                          kinds: tuple[str, ...] = ("plain", "rpg", "rpg_scatter")) -> dict:
     """Times the RPG and plain train steps alternately; returns medians and the ratio."""
     dtype = jnp.bfloat16 if half_precision else jnp.float32
     kwargs = {"num_classes": num_classes} if num_classes else {}
@@ -67,14 +77,16 @@ def paired_step_benchmark(model_name: str, batch_size: int, image_size: int, rin
                      if rpg else variables["params"])
         # Private copies: the step donates its state, and both runs start from `variables`.
         state = jax.tree.map(jnp.copy, steps.init_state(trainable, variables["batch_stats"], tx))
-        tables = rpg_jax.make_tables(spec, inverse=kind == "rpg") if rpg else {}
+        tables = rpg_jax.make_tables(spec, **KINDS[kind]) if rpg else {}
         jax.clear_caches()  # a repeated lower().compile() would otherwise be a cache hit
         start = time.perf_counter()
         compiled = jax.jit(step, donate_argnums=0).lower(state, batch, tables).compile()
         return {"fn": compiled, "state": state, "tables": tables,
                 "compile_s": time.perf_counter() - start, "memory": _memory(compiled)}
 
-    kinds = ("plain", "rpg", "rpg_scatter")
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown or kinds[0] != "plain":
+        raise ValueError(f"kinds={kinds}: expected 'plain' first, then some of {list(KINDS)[1:]}")
     runs = {kind: build(kind) for kind in kinds}
 
     def one(kind: str) -> float:
@@ -89,7 +101,7 @@ def paired_step_benchmark(model_name: str, batch_size: int, image_size: int, rin
             one(kind)
     times: dict[str, list[float]] = {kind: [] for kind in kinds}
     for i in range(pairs):
-        for kind in kinds[i % 3:] + kinds[:i % 3]:
+        for kind in kinds[i % len(kinds):] + kinds[:i % len(kinds)]:
             times[kind].append(one(kind))
     ratios = {kind: [r / p for r, p in zip(times[kind], times["plain"], strict=True)]
               for kind in kinds[1:]}
@@ -99,9 +111,9 @@ def paired_step_benchmark(model_name: str, batch_size: int, image_size: int, rin
         "half_precision": half_precision, "ring_size": ring_size, "pairs": pairs,
         "step_ms": {k: 1e3 * statistics.median(v) for k, v in times.items()},
         "images_per_sec": {k: batch_size / statistics.median(v) for k, v in times.items()},
-        "ratio_rpg_over_plain": statistics.median(ratios["rpg"]),
-        "ratio_rpg_scatter_over_plain": statistics.median(ratios["rpg_scatter"]),
+        **{f"ratio_{k}_over_plain": statistics.median(v) for k, v in ratios.items()},
         "ratios": ratios,
+        "loadavg": os.getloadavg(),
         "compile_s": {k: v["compile_s"] for k, v in runs.items()},
         "memory": {k: v["memory"] for k, v in runs.items()},
         "trainable": {"plain": c.plain, "rpg": c.trainable},
@@ -117,12 +129,15 @@ def main() -> None:
     parser.add_argument("--ring_size", type=int, default=2_359_296)
     parser.add_argument("--half_precision", action="store_true")
     parser.add_argument("--pairs", type=int, default=7)
+    parser.add_argument("--kinds", default="plain,rpg,rpg_scatter",
+                        help=f"comma-separated, plain first; of {list(KINDS)}")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     emit({"machine": machine(),
           "train_step": paired_step_benchmark(args.model, args.batch_size, args.image_size,
                                               args.ring_size, args.half_precision, args.pairs,
-                                              args.num_classes or None)}, args.out)
+                                              args.num_classes or None,
+                                              tuple(args.kinds.split(",")))}, args.out)
 
 
 if __name__ == "__main__":
