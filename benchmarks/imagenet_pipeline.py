@@ -367,6 +367,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--timed", type=int, default=16)
     parser.add_argument("--model_rate", type=float, default=H200_RESNET18_RATE)
+    parser.add_argument("--cases", default="", help="e.g. train/2,eval/1 (default: all four)")
+    parser.add_argument("--no_paired", action="store_true", help="skip the one-core pairs")
     parser.add_argument("--out", default=None)
     parser.add_argument("--train_run", action="store_true",
                         help="instead: train_and_evaluate runs, host path and DALI (GPU)")
@@ -394,10 +396,11 @@ def main() -> None:
         emit({"machine": machine(), "data": stats, "train_runs": train_runs(args)}, args.out)
         return
     loads = [os.getloadavg()]
-    paired = paired_transform_rates(args.data_dir, args.paired_rounds)
+    paired = None if args.no_paired else paired_transform_rates(args.data_dir, args.paired_rounds)
     paths = ["today", "new"] + (["tfdata"] if args.tf_python else [])
-    cases = [{"path": p, "mode": m, "workers": w}
-             for m in ("train", "eval") for w in (1, 2) for p in paths]
+    groups = args.cases.split(",") if args.cases else ["train/1", "train/2", "eval/1", "eval/2"]
+    cases = [{"path": p, "mode": g.split("/")[0], "workers": int(g.split("/")[1])}
+             for g in groups for p in paths]
     rates: dict[str, list[float]] = {}
     for _ in range(args.rounds):
         for case in cases:
@@ -407,18 +410,19 @@ def main() -> None:
             print(key, f"{rates[key][-1]:.0f} images/s per core", file=sys.stderr)
         loads.append(os.getloadavg())
     table = {}
-    for mode in ("train", "eval"):
-        for w in (1, 2):
-            row = {p: statistics.median(rates[f"{p}/{mode}/{w}"]) for p in paths}
-            ratios = {f"new_over_{p}": statistics.median(
-                [a / b for a, b in zip(rates[f"new/{mode}/{w}"], rates[f"{p}/{mode}/{w}"],
-                                       strict=True)]) for p in paths if p != "new"}
-            table[f"{mode}/{w}_workers"] = {"images_per_sec_per_core": row,
-                                            "paired_ratios": ratios}
+    for group in groups:
+        mode, w = group.split("/")[0], int(group.split("/")[1])
+        row = {p: statistics.median(rates[f"{p}/{mode}/{w}"]) for p in paths}
+        ratios = {f"new_over_{p}": statistics.median(
+            [a / b for a, b in zip(rates[f"new/{mode}/{w}"], rates[f"{p}/{mode}/{w}"],
+                                   strict=True)]) for p in paths if p != "new"}
+        table[f"{mode}/{w}_workers"] = {"images_per_sec_per_core": row, "paired_ratios": ratios}
     rpg_rate = args.model_rate / RPG_STEP_RATIO
-    cores = {p: {"plain": math.ceil(args.model_rate / table["train/1_workers"][
-        "images_per_sec_per_core"][p]), "rpg": math.ceil(rpg_rate / table["train/1_workers"][
-            "images_per_sec_per_core"][p])} for p in paths}
+    cores = {}
+    if "train/1_workers" in table:
+        per_core = table["train/1_workers"]["images_per_sec_per_core"]
+        cores = {p: {"plain": math.ceil(args.model_rate / per_core[p]),
+                     "rpg": math.ceil(rpg_rate / per_core[p])} for p in paths}
     result = {
         "machine": machine(), "loadavg": loads, "data": stats,
         "settings": {k: getattr(args, k) for k in ("rounds", "batch_size", "warmup", "timed")},
