@@ -189,36 +189,46 @@ def forward_slice(layer_sizes: tuple[int, ...], ring_size: int, *, seed: int, ri
     return _to_int32(index)
 
 
-def inverse_table(layer_sizes: tuple[int, ...], ring_size: int, *, seed: int,
-                  ring_name: str, mode: str = "rpg") -> jax.Array:
-    """The encoded inverse table (``int32[N, M]``) of one ring computed with ``jax.numpy``;
-    equal to ``ring_tables(...)[1]``: entry e lists the positions reading it in position
-    order (``position | sign_bit``), padded with ``T``."""
+def inverse_rows(layer_sizes: tuple[int, ...], ring_size: int, *, seed: int, ring_name: str,
+                 mode: str = "rpg", first: jax.Array | int = 0,
+                 count: int | None = None) -> jax.Array:
+    """Rows ``first .. first + count - 1`` (``first`` may be traced) of the encoded inverse
+    table (``int32[N, M]``) of one ring, computed with ``jax.numpy``; together equal to
+    ``ring_tables(...)[1]``: entry e lists the positions reading it in position order
+    (``position | sign_bit``), padded with ``T`` (as are rows past the ring's end)."""
     total = _check(layer_sizes, ring_size, mode)
     key = ring_key(seed, ring_name)
     n = ring_size
-    e = jax.lax.iota(jnp.uint32, n)[:, None]
+    count = n if count is None else int(count)
+    e = (jax.lax.iota(jnp.uint32, count) + jnp.asarray(first, jnp.uint32))[:, None]
     if mode in ("rpg", "perm_only"):
         rows = -(-total // n)
         # pi is a bijection: entry e is read at positions pi^-1(e + k*N), k = 0, 1, ...
         slot = e + np.uint32(n) * jax.lax.iota(jnp.uint32, rows)[None, :]
-        valid = slot < np.uint32(total)
+        valid = (slot < np.uint32(total)) & (e < np.uint32(n))
         pos = permute(jnp.where(valid, slot, 0), total, _derive_key(key, 1), inverse=True)
     else:
         # Layer L (start o, size s) reads e at o + e + k*N for e + k*N < s, in order.
-        counts = [(s - e.astype(jnp.int32) + n - 1) // n for s in layer_sizes]
+        ei = e.astype(jnp.int32)
         rows = sum(-(-s // n) for s in layer_sizes)  # entry 0 is read the most
         r = jax.lax.iota(jnp.int32, rows)[None, :]
-        pos = jnp.full((n, rows), total, jnp.int32)
-        before = jnp.zeros((n, 1), jnp.int32)
+        pos = jnp.full((count, rows), total, jnp.int32)
+        before = jnp.zeros((count, 1), jnp.int32)
         start = 0
-        for size, c in zip(layer_sizes, counts, strict=True):
-            c = jnp.maximum(c, 0)
+        for size in layer_sizes:
+            c = jnp.maximum((size - ei + n - 1) // n, 0)
             here = (r >= before) & (r < before + c)
-            pos = jnp.where(here, start + e.astype(jnp.int32) + (r - before) * n, pos)
+            pos = jnp.where(here, start + ei + (r - before) * n, pos)
             before, start = before + c, start + size
-        valid = pos < total
+        valid = (pos < total) & (ei < n)
         pos = pos.astype(jnp.uint32)
     if mode in ("rpg", "sign_only"):
         pos = pos | sign_bits(pos, _derive_key(key, 2))
     return _to_int32(jnp.where(valid, pos, np.uint32(total)))
+
+
+def inverse_table(layer_sizes: tuple[int, ...], ring_size: int, *, seed: int,
+                  ring_name: str, mode: str = "rpg") -> jax.Array:
+    """The whole encoded inverse table (``int32[N, M]``) of one ring: ``inverse_rows`` of
+    every entry, equal to ``ring_tables(...)[1]``."""
+    return inverse_rows(layer_sizes, ring_size, seed=seed, ring_name=ring_name, mode=mode)

@@ -80,6 +80,8 @@ def default_backward(where: str, backend: str | None = None) -> str:
     return _DEVICE_BACKWARD.get(backend, "scatter")
 
 
+_INVERSE_SLOTS = 1 << 20  # inverse-map slots per block of the device gather backward
+
 # Fastest backward with device-computed indices, per backend (benchmarks/device_tables.py).
 _DEVICE_BACKWARD = {"cpu": "scatter"}
 
@@ -215,9 +217,20 @@ def _device_expand_ring_fwd(key, layout, backward, ring):
 def _device_expand_ring_bwd(key, layout, backward, ring, cotangents):
     if backward == "scatter":
         return _expand_ring_scatter_bwd(layout, (ring, _device_forward(key)), cotangents)[:1]
+    # The inverse map block by block of ring entries: only one block's rows exist at a time.
     sizes, n, seed, name, mode = key
-    inverse = device_map.inverse_table(sizes, n, seed=seed, ring_name=name, mode=mode)
-    return _expand_ring_bwd(layout, inverse, cotangents)[:1]
+    pieces = [g.astype(jnp.float32).reshape(-1) * jnp.float32(scale)
+              for g, (_, _, scale, _) in zip(cotangents, layout, strict=True)]
+    flat = jnp.concatenate(pieces + [jnp.zeros((1,), jnp.float32)])
+    block = min(n, max(1, _INVERSE_SLOTS // -(-sum(sizes) // n)))
+
+    def rows(first):
+        inverse = device_map.inverse_rows(sizes, n, seed=seed, ring_name=name, mode=mode,
+                                          first=first, count=block)
+        return _signed_gather(flat, inverse).sum(axis=1)
+
+    grad = jax.lax.map(rows, jnp.arange(0, n, block, dtype=jnp.int32)).reshape(-1)[:n]
+    return (grad.astype(ring.dtype),)
 
 
 _device_expand_ring.defvjp(_device_expand_ring_fwd, _device_expand_ring_bwd)

@@ -56,6 +56,18 @@ def test_golden_tables_through_the_device_path(mode, digest):
     assert hashlib.sha256(np.asarray(forward).astype("<i4").tobytes()).hexdigest()[:32] == digest
 
 
+@pytest.mark.parametrize("mode", rpg_jax.MODES)
+def test_inverse_rows_from_a_traced_first_entry(mode):
+    sizes, n = (700, 300, 33), 97
+    _, inverse = ring_tables(sizes, n, seed=4, ring_name="r", mode=mode)
+    rows = jax.jit(lambda first: device_map.inverse_rows(sizes, n, seed=4, ring_name="r",
+                                                         mode=mode, first=first, count=40))
+    np.testing.assert_array_equal(np.asarray(rows(10)), inverse[10:50])
+    tail = np.asarray(rows(80))  # 17 real rows, then padding
+    np.testing.assert_array_equal(tail[:17], inverse[80:])
+    assert np.all(tail[17:] == sum(sizes))
+
+
 @pytest.mark.parametrize("length", [2, 3, 5, 1000, 4096, 4097, 70_001])
 def test_inverse_permutation_undoes_the_forward_one(length):
     key = _derive_key(7, length)
