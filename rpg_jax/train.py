@@ -179,11 +179,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     train_iter = data.make_train_iterator(
         config.dataset, global_batch_size=config.batch_size, seed=config.seed,
         data_dir=data_dir, process_index=pid, process_count=nproc,
-        worker_count=config.worker_count, synthetic_size=synthetic_size)
+        worker_count=config.worker_count, synthetic_size=synthetic_size,
+        decoder=config.image_decoder, on_corrupt=config.on_corrupt_image)
     eval_batches = data.make_eval_batches(
         config.dataset, global_batch_size=config.eval_batch_size or config.batch_size,
         data_dir=data_dir, process_index=pid, process_count=nproc,
-        synthetic_size=synthetic_size)
+        synthetic_size=synthetic_size, decoder=config.image_decoder,
+        on_corrupt=config.on_corrupt_image)
 
     pending: list[dict[str, Any]] = []  # per-step train metrics since the last log record
     resumed = None

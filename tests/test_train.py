@@ -716,3 +716,24 @@ def test_missing_fashion_mnist_dir_raises_file_not_found(tmp_path, no_training):
         train_and_evaluate(config, str(workdir))
     assert str(missing) in str(e.value)
     assert not (workdir / "checkpoints").exists()
+
+
+def test_the_loop_passes_the_image_decoder_and_corrupt_policy(tmp_path, monkeypatch):
+    """config.image_decoder / on_corrupt_image reach both pipelines (train and eval)."""
+    seen = {}
+
+    def recording(name):
+        real = getattr(data, name)
+
+        def wrapper(*args, **kwargs):
+            seen[name] = (kwargs["decoder"], kwargs["on_corrupt"])
+            return real(*args, **kwargs)
+        return wrapper
+
+    for name in ("make_train_iterator", "make_eval_batches"):
+        monkeypatch.setattr(data, name, recording(name))
+    monkeypatch.setattr(experiment, "initial_state", mock.Mock(side_effect=KeyboardInterrupt))
+    config = tiny_config(image_decoder="pil", on_corrupt_image="skip")
+    with pytest.raises(KeyboardInterrupt):
+        train_and_evaluate(config, str(tmp_path))
+    assert seen == {"make_train_iterator": ("pil", "skip"), "make_eval_batches": ("pil", "skip")}
