@@ -12,6 +12,7 @@ from rpg_jax import models
 from rpg_jax.checkpoints import Checkpoint, load_checkpoint
 from rpg_jax.export import export, load_export
 from rpg_jax.generator import (
+    DeviceTables,
     ParamCount,
     count,
     generate_params,
@@ -25,6 +26,7 @@ from rpg_jax.spec import LeafSpec, RingSpec, RPGSpec, make_spec, spec_from_table
 
 __all__ = [
     "Checkpoint",
+    "DeviceTables",
     "INDEX_MAP_VERSION",
     "MODES",
     "LeafSpec",

@@ -26,6 +26,7 @@ from rpg_jax.trees import flatten_params, path_name, unflatten_params
 Bank = dict[str, Any]  # {"rings": {name: f32[N]}, "free": nested dict of free params}
 _INDEX_MASK = 0x7FFFFFFF
 WHERE = ("host", "device")
+_INVERSE_SLOTS = 1 << 20  # inverse-map slots per block of the device gather backward
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,23 +72,8 @@ def host_tables(spec: RPGSpec, inverse: bool = True
     }
 
 
-def default_backward(where: str, backend: str | None = None) -> str:
-    """The measured fastest backward for tables on ``where`` (host or device) on
-    ``backend`` (default: JAX's default backend): "gather" or "scatter"."""
-    if where == "host":
-        return "gather"
-    backend = backend or jax.default_backend()
-    return _DEVICE_BACKWARD.get(backend, "scatter")
-
-
-_INVERSE_SLOTS = 1 << 20  # inverse-map slots per block of the device gather backward
-
-# Fastest backward with device-computed indices, per backend (benchmarks/device_tables.py).
-_DEVICE_BACKWARD = {"cpu": "scatter"}
-
-
 def make_tables(spec: RPGSpec, sharding: jax.sharding.Sharding | None = None, *,
-                inverse: bool | None = None, where: str = "host") -> Tables:
+                inverse: bool = True, where: str = "host") -> Tables:
     """The index tables; pass them into jitted code as an argument.
 
     ``where="host"``: device arrays derived on the host (ImageNet ResNet50: about 2 s;
@@ -101,12 +87,11 @@ def make_tables(spec: RPGSpec, sharding: jax.sharding.Sharding | None = None, *,
     computed there (``inverse=True``) or scatter-adds through recomputed forward indices
     (``inverse=False``). Nothing table-sized is an argument or lives between the passes.
 
-    ``inverse=None`` picks ``default_backward(where)``.
+    On CPU the gather backward is the faster and the smaller of the two on both paths
+    (``benchmarks/device_tables.py``).
     """
     if where not in WHERE:
         raise ValueError(f"where={where!r}: expected one of {WHERE}")
-    if inverse is None:
-        inverse = default_backward(where) == "gather"
     if where == "device":
         if spec.mode == "explicit":
             raise ValueError("a spec with explicit tables (spec_from_tables) has no index "
