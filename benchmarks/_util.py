@@ -30,3 +30,17 @@ def emit(result: dict, out: str | None) -> None:
         os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
         with open(out, "w") as f:
             f.write(text + "\n")
+
+
+def paired_times(one, kinds, pairs: int, warmup: int = 2) -> dict[str, list[float]]:
+    """Seconds of ``one(kind)`` per kind: ``warmup`` untimed rounds, then ``pairs`` rounds
+    with the order of ``kinds`` rotated each round (so drift and load hit every kind)."""
+    kinds = tuple(kinds)
+    for _ in range(warmup):
+        for kind in kinds:
+            one(kind)
+    times: dict[str, list[float]] = {kind: [] for kind in kinds}
+    for i in range(pairs):
+        for kind in kinds[i % len(kinds):] + kinds[:i % len(kinds)]:
+            times[kind].append(one(kind))
+    return times

@@ -39,7 +39,7 @@ import numpy as np
 import optax
 
 import rpg_jax
-from _util import emit, machine  # benchmarks/_util.py (the script directory is on sys.path)
+from _util import emit, machine, paired_times  # benchmarks/_util.py (script dir on sys.path)
 from rpg_jax import steps
 
 RING = 2_359_296
@@ -144,13 +144,7 @@ def _paired(case: Case, kinds: list[str], pairs: int) -> dict:
         jax.block_until_ready((r["state"], metrics))
         return time.perf_counter() - start
 
-    for _ in range(2):  # warm-up
-        for kind in kinds:
-            one(kind)
-    times: dict[str, list[float]] = {kind: [] for kind in kinds}
-    for i in range(pairs):
-        for kind in kinds[i % len(kinds):] + kinds[:i % len(kinds)]:
-            times[kind].append(one(kind))
+    times = paired_times(one, kinds, pairs)
     ratios = {k: [a / b for a, b in zip(times[k], times["plain"], strict=True)]
               for k in kinds[1:]}
     return {"step_ms": {k: 1e3 * statistics.median(v) for k, v in times.items()},

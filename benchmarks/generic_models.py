@@ -30,7 +30,7 @@ import optax
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import rpg_jax  # noqa: E402
-from _util import emit, machine  # noqa: E402
+from _util import emit, machine, paired_times  # noqa: E402
 from rpg_jax import data, experiment, steps  # noqa: E402
 
 
@@ -129,13 +129,7 @@ def vit_step(pairs: int) -> dict:
         jax.block_until_ready((r["state"], metrics))
         return time.perf_counter() - start
 
-    for _ in range(3):  # compile and warm up
-        for kind in runs:
-            one(kind)
-    times = {kind: [] for kind in runs}
-    for i in range(pairs):
-        for kind in (("plain", "rpg") if i % 2 == 0 else ("rpg", "plain")):
-            times[kind].append(one(kind))
+    times = paired_times(one, ("plain", "rpg"), pairs, warmup=3)  # compiles too
     ratios = [r / p for r, p in zip(times["rpg"], times["plain"], strict=True)]
     return {"config": "configs/fashion_mnist_vit.py", "pairs": pairs,
             "step_ms": {k: 1e3 * statistics.median(v) for k, v in times.items()},

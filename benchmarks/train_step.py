@@ -25,7 +25,7 @@ import numpy as np
 import optax
 
 import rpg_jax
-from _util import emit, machine  # benchmarks/_util.py (the script directory is on sys.path)
+from _util import emit, machine, paired_times  # benchmarks/_util.py (script dir on sys.path)
 from rpg_jax import steps
 
 
@@ -96,13 +96,7 @@ def paired_step_benchmark(model_name: str, batch_size: int, image_size: int, rin
         jax.block_until_ready((r["state"], metrics))
         return time.perf_counter() - start
 
-    for _ in range(2):  # warm-up
-        for kind in kinds:
-            one(kind)
-    times: dict[str, list[float]] = {kind: [] for kind in kinds}
-    for i in range(pairs):
-        for kind in kinds[i % len(kinds):] + kinds[:i % len(kinds)]:
-            times[kind].append(one(kind))
+    times = paired_times(one, kinds, pairs)
     ratios = {kind: [r / p for r, p in zip(times[kind], times["plain"], strict=True)]
               for kind in kinds[1:]}
     c = rpg_jax.count(spec)
