@@ -19,6 +19,7 @@ from rpg_jax.spec import GROUP_PRESETS, SELECT_PRESETS
 OPTIMIZERS = ("sgd", "adamw")
 LR_SCHEDULES = ("constant", "cosine", "exp_epoch")
 BACKWARDS = ("gather", "scatter")
+TABLES = ("host", "device")
 VIT_POOLS = ("cls", "mean")
 
 
@@ -79,6 +80,10 @@ def base_config() -> ml_collections.ConfigDict:
     # gather: the backward gathers through an inverse table (fastest on CPU; 8 bytes of tables
     # per generated weight) | scatter: forward table only (4 bytes), scatter-add backward
     c.rpg.backward = "gather"
+    # host: index tables made on the host and kept on the device (4 or 8 bytes per generated
+    # weight) | device: indices and signs computed inside the step from the spec, no tables
+    # (bit-identical values, so checkpoints move freely between the two)
+    c.rpg.tables = "host"
     return c
 
 
@@ -92,7 +97,7 @@ RESUME_FIXED = (
 RESUME_FREE = (
     "data_dir", "worker_count", "eval_batch_size", "eval_steps", "num_epochs",
     "num_train_steps", "log_every_steps", "eval_every_steps", "checkpoint_every_steps",
-    "keep_checkpoints", "multihost", "rpg.backward", "resume_overrides",
+    "keep_checkpoints", "multihost", "rpg.backward", "rpg.tables", "resume_overrides",
 )
 # Every other field changes the data stream (seed, batch_size, synthetic_size, image
 # decoding) or the trained trajectory (learning rate, schedule, decay, momentum, precision):
@@ -271,6 +276,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
             _fail("rpg.seed", config.rpg.seed, "a non-negative int")
         if config.rpg.backward not in BACKWARDS:
             _fail("rpg.backward", config.rpg.backward, f"one of {BACKWARDS}")
+        if config.rpg.tables not in TABLES:
+            _fail("rpg.tables", config.rpg.tables, f"one of {TABLES}")
         if not config.rpg.select:
             _fail("rpg.select", config.rpg.select, f"one of {SELECT_PRESETS} or a regex")
         if config.rpg.select not in SELECT_PRESETS:

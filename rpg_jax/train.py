@@ -202,7 +202,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         state, pending, examples_at_start = resumed.state, resumed.pending, resumed.examples
         logging.info("Resumed from the checkpoint at step %d (%d training examples seen)",
                      resumed.step, resumed.examples)
-    tables = (make_tables(exp.spec, replicated, inverse=config.rpg.backward == "gather")
+    tables = (make_tables(exp.spec, replicated, inverse=config.rpg.backward == "gather",
+                          where=config.rpg.tables)
               if exp.spec is not None else {})
 
     train_step = jax.jit(

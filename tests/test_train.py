@@ -157,7 +157,7 @@ def to_float64(tree):
 
 
 @functools.cache
-def sharded_and_single_steps(rpg: bool):
+def sharded_and_single_steps(rpg: bool, where: str = "host"):
     """Runs 3 train steps on one device and, from each of its input states, the same step
     jitted over the train loop's 8-device mesh (batch sharded over 'data', state replicated).
 
@@ -178,7 +178,7 @@ def sharded_and_single_steps(rpg: bool):
         exp = experiment.build(config, info)
         assert (exp.spec is not None) == rpg
         state = to_float64(experiment.initial_state(exp))
-        tables = make_tables(exp.spec) if rpg else {}
+        tables = make_tables(exp.spec, where=where) if rpg else {}
         rng = np.random.default_rng(0)
         it = ({"image": rng.integers(0, 256, (config.batch_size, *info.image_shape),
                                      dtype=np.uint8),
@@ -214,6 +214,11 @@ def sharded_and_single_steps(rpg: bool):
     return jax.device_get(state), results
 
 
+# RPG with host tables, RPG with indices computed in the step (config rpg.tables), plain.
+STEP_KINDS = [(True, "host"), (True, "device"), (False, "host")]
+STEP_IDS = ["rpg", "rpg_device_tables", "plain"]
+
+
 def assert_close_to_scale(a, b, tol: float) -> None:
     """Every leaf: max |a - b| <= tol * max |b| (rounding, whatever the magnitude)."""
     assert jax.tree.structure(a) == jax.tree.structure(b)
@@ -226,11 +231,11 @@ def assert_close_to_scale(a, b, tol: float) -> None:
             f"|value| {scale:.3g} (allowed {tol:g})")
 
 
-@pytest.mark.parametrize("rpg", [True, False], ids=["rpg", "plain"])
-def test_sharded_step_matches_single_device_forward(rpg):
+@pytest.mark.parametrize("rpg, where", STEP_KINDS, ids=STEP_IDS)
+def test_sharded_step_matches_single_device_forward(rpg, where):
     """Loss, accuracy, learning rate and the new BatchNorm statistics (over the global batch
     under jit, not per device) of the 8-device step equal the single-device step's."""
-    _, results = sharded_and_single_steps(rpg)
+    _, results = sharded_and_single_steps(rpg, where)
     for (s1, m1), (s8, m8) in results:
         assert m8.keys() == m1.keys() == {"loss", "accuracy", "learning_rate"}
         assert_close_to_scale(m8, m1, 1e-12)
@@ -238,10 +243,10 @@ def test_sharded_step_matches_single_device_forward(rpg):
         assert_close_to_scale(s8.batch_stats, s1.batch_stats, 1e-12)
 
 
-@pytest.mark.parametrize("rpg", [True, False], ids=["rpg", "plain"])
-def test_sharded_step_matches_single_device_update(rpg):
+@pytest.mark.parametrize("rpg, where", STEP_KINDS, ids=STEP_IDS)
+def test_sharded_step_matches_single_device_update(rpg, where):
     """The updated trainable params and optimizer state agree to float64 rounding."""
-    state0, results = sharded_and_single_steps(rpg)
+    state0, results = sharded_and_single_steps(rpg, where)
     for (s1, _), (s8, _) in results:
         assert_close_to_scale(s8.trainable, s1.trainable, 1e-10)
         assert_close_to_scale(s8.opt_state, s1.opt_state, 1e-10)
@@ -439,6 +444,30 @@ def test_scatter_backward_run_matches_the_gather_run(reference, tmp_path):
     assert got[0]["step"] == 2 and kind(got[0]) == "train"
     assert got[0]["train_loss"] == pytest.approx(want[0]["train_loss"], rel=1e-5)
     assert all(math.isfinite(r["train_loss"]) for r in got if kind(r) == "train")
+
+
+def test_device_tables_run_equals_the_host_tables_run_and_resumes_across(reference, tmp_path):
+    """config rpg.tables="device" reaches the train loop, computes the same indices and the
+    same gradient sums, so the run equals the host-table run exactly; a run preempted with
+    host tables resumes with device tables (and back) to the uninterrupted state."""
+    ref_dir, ref_summary = reference
+    device = tiny_config(**{"rpg.tables": "device"})
+    with mock.patch.object(train_lib, "make_tables", wraps=train_lib.make_tables) as tables:
+        summary = train_and_evaluate(device, str(tmp_path / "device"))
+    assert [call.kwargs["where"] for call in tables.call_args_list] == ["device"]
+    assert summary["eval_loss"] == ref_summary["eval_loss"]
+    assert_trees_equal(saved_state(tmp_path / "device"), saved_state(ref_dir))
+    assert records(tmp_path / "device") == records(ref_dir)
+
+    workdir = str(tmp_path / "mixed")
+    with sigterm_after_step(3):
+        assert train_and_evaluate(tiny_config(), workdir)["step"] == 3
+    with sigterm_after_step(6):
+        assert train_and_evaluate(device, workdir)["step"] == 6
+    final = train_and_evaluate(tiny_config(), workdir)
+    assert final["step"] == 8 and final["eval_loss"] == ref_summary["eval_loss"]
+    assert_trees_equal(saved_state(workdir), saved_state(ref_dir))
+    assert records(workdir) == records(ref_dir)
 
 
 # ------------------------------------------------------------------- subprocesses
@@ -696,6 +725,7 @@ def test_library_chatter_is_filtered_but_warnings_and_our_logs_are_kept():
     ({"rpg.ring_size": 2.5}, r"config\.rpg\.ring_size=2\.5: .*whole number"),
     ({"rpg.mode": "bogus"}, r"config\.rpg\.mode='bogus'"),
     ({"rpg.backward": "inverse"}, r"config\.rpg\.backward='inverse'"),
+    ({"rpg.tables": "gpu"}, r"config\.rpg\.tables='gpu'.*'host', 'device'"),
     ({"rpg.groups": "bogus"}, r"config\.rpg\.groups='bogus'"),
     ({"lr_schedule": "bogus"}, r"config\.lr_schedule='bogus'"),
 ], ids=lambda x: "-".join(f"{k}={v}" for k, v in x.items()) if isinstance(x, dict) else None)
