@@ -13,11 +13,11 @@ from typing import Any
 
 import ml_collections
 
+from rpg_jax import optim
 from rpg_jax.index_map import MODES
 from rpg_jax.spec import GROUP_PRESETS, SELECT_PRESETS
 
 OPTIMIZERS = ("sgd", "adamw")
-LR_SCHEDULES = ("constant", "cosine", "exp_epoch")
 BACKWARDS = ("gather", "scatter")
 TABLES = ("host", "device")
 VIT_POOLS = ("cls", "mean")
@@ -47,10 +47,25 @@ def base_config() -> ml_collections.ConfigDict:
     c.momentum = 0.9
     c.nesterov = False
     c.learning_rate = 0.1  # peak learning rate (absolute; configs scale it with the batch)
+    # constant | cosine | exp_epoch | an optax schedule by name, e.g. warmup_cosine_decay_schedule
     c.lr_schedule = "cosine"
+    # an optax schedule's keyword arguments as JSON; the strings "learning_rate", "num_steps"
+    # and "steps_per_epoch" stand for the run's values, e.g. {"peak_value": "learning_rate"}
+    c.lr_schedule_kwargs = ""
     c.warmup_epochs = 0.0
     c.lr_decay_epochs = 45.0  # exp_epoch: lr0 * 0.1 ** (epoch // 1 / lr_decay_epochs)
     c.weight_decay = 5e-4  # coupled L2 on every trainable leaf, rings included (as reference)
+    # leaves kept out of weight decay: "" (none) | norm_and_bias | a regex on "/"-joined paths
+    c.weight_decay_exclude = ""
+    c.grad_clip_norm = 0.0  # clip the global gradient norm to this (0 = off)
+    c.grad_accum_steps = 1  # k > 1: one update per k batches, of their mean gradient
+    c.label_smoothing = 0.0  # target = (1 - s) * onehot + s / classes
+    c.ema_decay = 0.0  # > 0: keep an EMA of the trainable parameters (e.g. 0.999)
+    c.ema_eval = False  # also evaluate the EMA parameters (eval_ema_* records)
+    c.mixup_alpha = 0.0  # Beta(alpha, alpha) mixup of each batch with its reverse (0 = off)
+    c.cutmix_alpha = 0.0  # Beta(alpha, alpha) CutMix (0 = off)
+    c.mix_prob = 1.0  # probability that a batch is mixed (when mixup or CutMix is on)
+    c.mix_switch_prob = 0.5  # with both on: probability of CutMix instead of mixup
     c.half_precision = False  # bfloat16 compute, float32 params and optimizer state
     c.log_every_steps = 50
     c.eval_every_steps = -1  # -1: once per epoch; 0: only at the end
@@ -237,15 +252,29 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _fail("num_epochs", config.num_epochs, "a positive number")
     if config.optimizer not in OPTIMIZERS:
         _fail("optimizer", config.optimizer, f"one of {OPTIMIZERS}")
-    if config.lr_schedule not in LR_SCHEDULES:
-        _fail("lr_schedule", config.lr_schedule, f"one of {LR_SCHEDULES}")
+    optim.check_schedule(config)
     if not (config.learning_rate > 0 and math.isfinite(config.learning_rate)):
         _fail("learning_rate", config.learning_rate, "a positive finite number")
     if config.lr_decay_epochs <= 0:
         _fail("lr_decay_epochs", config.lr_decay_epochs, "a positive number of epochs")
-    for field in ("weight_decay", "warmup_epochs", "momentum"):
+    for field in ("weight_decay", "warmup_epochs", "momentum", "grad_clip_norm", "mixup_alpha",
+                  "cutmix_alpha"):
         if config[field] < 0:
             _fail(field, config[field], "a non-negative number")
+    for field in ("label_smoothing", "ema_decay"):
+        if not 0 <= config[field] < 1:
+            _fail(field, config[field], "a number in [0, 1)")
+    for field in ("mix_prob", "mix_switch_prob"):
+        if not 0 <= config[field] <= 1:
+            _fail(field, config[field], "a probability in [0, 1]")
+    if isinstance(config.grad_accum_steps, bool) or not isinstance(config.grad_accum_steps, int) \
+            or config.grad_accum_steps < 1:
+        _fail("grad_accum_steps", config.grad_accum_steps, "a positive int")
+    if config.ema_eval and not config.ema_decay > 0:
+        _fail("ema_eval", config.ema_eval, "False unless config.ema_decay > 0")
+    if config.weight_decay_exclude not in optim.DECAY_EXCLUDE_PRESETS:
+        _check_regex("weight_decay_exclude", config.weight_decay_exclude,
+                     config.weight_decay_exclude)
     for field in ("log_every_steps",):
         if config[field] <= 0:
             _fail(field, config[field], "a positive number of steps")

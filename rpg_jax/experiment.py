@@ -17,7 +17,7 @@ import ml_collections
 import optax
 
 from rpg_jax import config as config_lib
-from rpg_jax import models, optim, steps
+from rpg_jax import mixing, models, optim, steps
 from rpg_jax.data import DatasetInfo
 from rpg_jax.generator import init_bank
 from rpg_jax.spec import RPGSpec, make_spec
@@ -89,6 +89,15 @@ def build(config: ml_collections.ConfigDict, info: DatasetInfo) -> Experiment:
     lr_fn = optim.learning_rate_fn(config, steps_per_epoch, num_steps)
     tx = optim.make_optimizer(config, lr_fn)
     return Experiment(config, info, model, spec, steps_per_epoch, num_steps, lr_fn, tx)
+
+
+def make_train_step(exp: Experiment):
+    """The run's (unjitted) ``train_step(state, batch, tables)``, with its config's loss
+    options (label smoothing, mixup/CutMix)."""
+    return steps.make_train_step(exp.model, exp.tx, exp.spec, exp.info.mean, exp.info.std,
+                                 exp.lr_fn, exp.compute_dtype,
+                                 label_smoothing=exp.config.label_smoothing,
+                                 mixing=mixing.from_config(exp.config), seed=exp.config.seed)
 
 
 def initial_state(exp: Experiment) -> steps.TrainState:

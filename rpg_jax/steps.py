@@ -17,6 +17,7 @@ import optax
 from flax import struct
 
 from rpg_jax.generator import generate_params
+from rpg_jax.mixing import Mixing, mix_batch
 from rpg_jax.spec import RPGSpec
 
 
@@ -50,6 +51,18 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(dtype), labels)
 
 
+def soft_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Per-example cross entropy against target distributions (N, classes), in >= float32."""
+    dtype = jnp.promote_types(logits.dtype, jnp.float32)
+    return optax.softmax_cross_entropy(logits.astype(dtype), targets.astype(dtype))
+
+
+def smooth_targets(labels: jax.Array, num_classes: int, smoothing: float) -> jax.Array:
+    """One-hot targets with label smoothing: ``(1 - s) * onehot + s / num_classes``."""
+    return optax.smooth_labels(jax.nn.one_hot(labels, num_classes, dtype=jnp.float32),
+                               smoothing)
+
+
 def make_train_step(
     model: nn.Module,
     tx: optax.GradientTransformation,
@@ -58,18 +71,39 @@ def make_train_step(
     std: Sequence[float],
     learning_rate_fn: Callable[[jax.Array], jax.Array] | None = None,
     input_dtype: Any = jnp.float32,
+    *,
+    label_smoothing: float = 0.0,
+    mixing: Mixing = Mixing(),
+    seed: int = 0,
 ):
-    """``train_step(state, batch, tables) -> (state, metrics)``; batch = uint8 images + labels."""
+    """``train_step(state, batch, tables) -> (state, metrics)``; batch = uint8 images + labels.
+
+    The loss is the cross entropy against one-hot targets, smoothed by ``label_smoothing``
+    and mixed by ``mixing`` (mixup/CutMix; its random draws come from ``seed`` and the
+    step). The logged accuracy is against the unmixed labels.
+    """
     to_params = params_fn(spec)
+    soft = label_smoothing > 0 or mixing.enabled
 
     def train_step(state: TrainState, batch: dict[str, jax.Array], tables: Any):
         images = normalize(batch["image"], mean, std, input_dtype)
+        labels = batch["label"]
+        targets = None
+        if soft:
+            num_classes = getattr(model, "num_classes", None) or jax.eval_shape(
+                lambda: model.apply({"params": to_params(state.trainable, tables),
+                                     "batch_stats": state.batch_stats}, images[:1],
+                                    train=False)).shape[-1]
+            targets = smooth_targets(labels, num_classes, label_smoothing)
+            key = jax.random.fold_in(jax.random.key(seed), state.step)
+            images, targets = mix_batch(key, images, targets, mixing)
 
         def loss_fn(trainable):
             variables = {"params": to_params(trainable, tables), "batch_stats": state.batch_stats}
             logits, updates = model.apply(variables, images, train=True, mutable=["batch_stats"])
-            loss = cross_entropy(logits, batch["label"]).mean()
-            return loss, (logits, updates.get("batch_stats", {}))
+            per_example = (soft_cross_entropy(logits, targets) if soft
+                           else cross_entropy(logits, labels))
+            return per_example.mean(), (logits, updates.get("batch_stats", {}))
 
         (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.trainable)
@@ -77,7 +111,7 @@ def make_train_step(
         trainable = optax.apply_updates(state.trainable, updates)
         metrics = {
             "loss": loss,
-            "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
+            "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
         }
         if learning_rate_fn is not None:
             metrics["learning_rate"] = learning_rate_fn(state.step)

@@ -25,7 +25,7 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from rpg_jax import checkpoints, data, experiment, sharding, steps
+from rpg_jax import checkpoints, data, experiment, optim, sharding, steps
 from rpg_jax import config as config_lib
 from rpg_jax import workdir as workdir_lib
 from rpg_jax.generator import count, make_tables
@@ -206,10 +206,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                           where=config.rpg.tables)
               if exp.spec is not None else {})
 
-    train_step = jax.jit(
-        steps.make_train_step(exp.model, exp.tx, exp.spec, info.mean, info.std, exp.lr_fn,
-                              exp.compute_dtype),
-        donate_argnums=0, out_shardings=(replicated, replicated))
+    train_step = jax.jit(experiment.make_train_step(exp), donate_argnums=0,
+                         out_shardings=(replicated, replicated))
     eval_step = jax.jit(
         steps.make_eval_step(exp.model, exp.spec, info.mean, info.std, exp.compute_dtype),
         out_shardings=replicated)
@@ -256,6 +254,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
     def run_eval() -> dict[str, float]:
         result = evaluate(eval_step, state, tables, eval_batches, to_global, config.eval_steps)
+        if config.ema_eval:  # the EMA parameters with the live BatchNorm statistics
+            ema = state.replace(trainable=optim.ema_params(state.opt_state))
+            ema_result = evaluate(eval_step, ema, tables, eval_batches, to_global,
+                                  config.eval_steps)
+            result.update({k.replace("eval_", "eval_ema_"): v for k, v in ema_result.items()})
         writer.write(step, epoch=step / exp.steps_per_epoch, **result)
         _log_eval(step, result)
         return result
