@@ -73,7 +73,7 @@ def make_train_step(
     input_dtype: Any = jnp.float32,
     *,
     label_smoothing: float = 0.0,
-    mixing: Mixing = Mixing(),
+    mixing: Mixing | None = None,
     seed: int = 0,
 ):
     """``train_step(state, batch, tables) -> (state, metrics)``; batch = uint8 images + labels.
@@ -83,6 +83,7 @@ def make_train_step(
     step). The logged accuracy is against the unmixed labels.
     """
     to_params = params_fn(spec)
+    mixing = mixing or Mixing()
     soft = label_smoothing > 0 or mixing.enabled
 
     def train_step(state: TrainState, batch: dict[str, jax.Array], tables: Any):

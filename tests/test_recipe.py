@@ -11,8 +11,8 @@ import numpy as np
 import optax
 import pytest
 
-from rpg_jax import mixing, optim, steps
 from rpg_jax import config as config_lib
+from rpg_jax import mixing, optim, steps
 from rpg_jax.metrics import read_metrics
 from rpg_jax.train import train_and_evaluate
 from tiny_config import tiny_config
@@ -338,8 +338,8 @@ def test_every_knob_on_a_preempted_run_resumes_exactly(tmp_path):
     sa, sb = saved_state(a), saved_state(b)
     jax.tree.map(np.testing.assert_array_equal, sa, sb)
     ema = optim.ema_params(sa.opt_state)
-    assert ema is not None and not all(
-        np.array_equal(e, p) for e, p in zip(jax.tree.leaves(ema), jax.tree.leaves(sa.trainable)))
+    pairs = zip(jax.tree.leaves(ema), jax.tree.leaves(sa.trainable), strict=True)
+    assert ema is not None and not all(np.array_equal(e, p) for e, p in pairs)
     evals = [r for r in read_metrics(str(a)) if "eval_top1" in r]
     assert [r["step"] for r in evals] == [4, 8]
     assert all({"eval_ema_top1", "eval_ema_loss", "eval_ema_top5"} <= set(r) for r in evals)
