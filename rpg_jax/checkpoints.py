@@ -389,8 +389,9 @@ def restore(manager: ocp.CheckpointManager, step: int, target: steps.TrainState,
         if "tree structure" in str(e).lower() or "do not match" in str(e).lower():
             raise ValueError(
                 f"the train state saved at step {step} has another structure than this "
-                "config builds (its optimizer state: config.optimizer, or momentum 0 vs "
-                f"non-zero); {' '.join(str(e).split())[:300]}") from e
+                "config builds (its optimizer state: config.optimizer, momentum 0 vs "
+                "non-zero, or ema_decay, grad_accum_steps, weight_decay_exclude switched on "
+                f"or off); {' '.join(str(e).split())[:300]}") from e
         raise _damage(manager, step, "state", e) from e
     except Exception as e:  # tensorstore/grain raise many types on damaged files
         raise _damage(manager, step, "state", e) from e

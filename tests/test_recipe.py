@@ -356,3 +356,15 @@ def test_default_optimizer_state_keeps_its_structure():
     assert jax.tree.structure(adamw.init(params)) == jax.tree.structure(ref.init(params))
     assert re.search("MultiSteps", str(jax.tree.structure(
         optim.make_optimizer(recipe(grad_accum_steps=2), lambda s: 0.1).init(params))))
+
+
+@pytest.mark.slow
+def test_switching_ema_on_at_resume_is_a_clear_error_that_keeps_the_checkpoints(tmp_path):
+    train_and_evaluate(tiny_config(), str(tmp_path))
+    before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    config = tiny_config(ema_decay=0.9, num_train_steps=12, resume_overrides="ema_decay")
+    with pytest.raises(ValueError, match=r"another structure than this config builds .*"
+                                         r"ema_decay, grad_accum_steps"):
+        train_and_evaluate(config, str(tmp_path))
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
+    assert not (tmp_path / "checkpoints_damaged").exists()
