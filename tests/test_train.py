@@ -637,11 +637,14 @@ def test_two_process_distributed_run(rpg, tmp_path, compile_cache):
     # with RPG (one shared ring): measured 2e-7 relative at steps 1-2, then 1e-4 at step 3 on
     # one CPU, and on another an eval loss 2.2% apart at step 8 (10,589 vs 10,819: this tiny
     # RPG net at lr 0.1 has diverged by then, and the zero-padded synthetic crops make tied
-    # ReLUs that flip together). So RPG's later losses are only checked for being finite.
+    # ReLUs that flip together); a CI run measured 5e-5 already at step 2. So RPG's step 1
+    # (the initial state's forward pass over the global batch) is compared to rounding,
+    # step 2 (after one all-reduced update) to 1e-3, later losses only for being finite.
     exact = got if not rpg else [r for r in got if r["step"] <= 2]
     for a, b in zip(exact, want, strict=False):
         for k in a:
-            assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), (a, b)
+            rel = 1e-3 if rpg and a["step"] == 2 else 1e-5
+            assert a[k] == pytest.approx(b[k], rel=rel, abs=1e-6), (a, b)
     for a, b in zip(got, want, strict=True):  # accuracies of 16 images are too coarse here
         for k in {"learning_rate", "eval_count"} & a.keys():
             assert a[k] == pytest.approx(b[k], rel=1e-6), (k, a, b)
