@@ -57,8 +57,10 @@ def wandb_offline(tmp_path_factory):
         mp.setenv("WANDB_SILENT", "true")
         mp.setenv("WANDB_CONSOLE", "off")
         mp.setenv("WANDB_DISABLE_GIT", "true")
+        # TMPDIR: wandb-core's socket and port files (it is a subprocess, so reads it anew)
         for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR",
-                    "WANDB_ARTIFACT_DIR"):
+                    "WANDB_ARTIFACT_DIR", "TMPDIR"):
+            (root / var.lower()).mkdir()
             mp.setenv(var, str(root / var.lower()))
         yield root
 
