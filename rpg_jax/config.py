@@ -6,16 +6,19 @@ Config files in ``configs/`` start from ``base_config()`` and change what they n
 
 from __future__ import annotations
 
+import importlib.util
+import inspect
+import io
 import json
 import math
 import re
+import tokenize
 from typing import Any
 
 import ml_collections
 
-from rpg_jax import optim
-from rpg_jax.index_map import MODES
-from rpg_jax.spec import GROUP_PRESETS, SELECT_PRESETS
+# Nothing of rpg_jax is imported at module level: train.py reads this file for ``--help``
+# without importing the package (and with it JAX); validate() imports what it checks.
 
 OPTIMIZERS = ("sgd", "adamw")
 BACKWARDS = ("gather", "scatter")
@@ -34,25 +37,26 @@ def base_config() -> ml_collections.ConfigDict:
     # | pil (full Pillow decode, the earlier path) | dali (train on an NVIDIA GPU with DALI)
     c.image_decoder = "turbo"
     c.on_corrupt_image = "error"  # error (names the record) | skip (warn, use the next one)
-    c.model = "resnet20"
+    c.model = "resnet20"  # resnet18|34|50 | resnet20|32|56|110 | cifar_resnet18 | vit
     c.width = 1.0  # channel multiplier of the model (a ViT's: of vit.dim)
-    c.zero_init_residual = False
+    c.zero_init_residual = False  # zero-init the last BatchNorm scale of each residual block
     c.batch_size = 128  # global, over all devices and hosts
     c.eval_batch_size = 0  # 0 = batch_size
     c.eval_steps = -1  # eval batches per evaluation; -1 = the whole eval split
-    c.num_epochs = 10.0
+    c.num_epochs = 10.0  # run length in epochs of the train split
     c.num_train_steps = -1  # -1: derived from num_epochs
-    c.seed = 0
-    c.optimizer = "sgd"
-    c.momentum = 0.9
-    c.nesterov = False
+    c.seed = 0  # parameter init and data order
+    c.optimizer = "sgd"  # sgd | adamw
+    c.momentum = 0.9  # SGD momentum (0 = none; unused by adamw)
+    c.nesterov = False  # Nesterov momentum (sgd)
     c.learning_rate = 0.1  # peak learning rate (absolute; configs scale it with the batch)
-    # constant | cosine | exp_epoch | an optax schedule by name, e.g. warmup_cosine_decay_schedule
+    # constant | cosine | exp_epoch (after the warm-up) | an optax schedule by name, e.g.
+    # warmup_cosine_decay_schedule (with lr_schedule_kwargs)
     c.lr_schedule = "cosine"
     # an optax schedule's keyword arguments as JSON; the strings "learning_rate", "num_steps"
     # and "steps_per_epoch" stand for the run's values, e.g. {"peak_value": "learning_rate"}
     c.lr_schedule_kwargs = ""
-    c.warmup_epochs = 0.0
+    c.warmup_epochs = 0.0  # linear warm-up to the peak learning rate, in epochs (built-ins)
     c.lr_decay_epochs = 45.0  # exp_epoch: lr0 * 0.1 ** (epoch // 1 / lr_decay_epochs)
     c.weight_decay = 5e-4  # coupled L2 on every trainable leaf, rings included (as reference)
     # leaves kept out of weight decay: "" (none) | norm_and_bias | a regex on "/"-joined paths
@@ -67,7 +71,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.mix_prob = 1.0  # probability that a batch is mixed (when mixup or CutMix is on)
     c.mix_switch_prob = 0.5  # with both on: probability of CutMix instead of mixup
     c.half_precision = False  # bfloat16 compute, float32 params and optimizer state
-    c.log_every_steps = 50
+    c.log_every_steps = 50  # train steps per metrics record (and log line)
     c.eval_every_steps = -1  # -1: once per epoch; 0: only at the end
     c.checkpoint_every_steps = -1  # -1: once per epoch; 0: only at the end
     c.keep_checkpoints = 2  # most recent checkpoints kept
@@ -75,23 +79,32 @@ def base_config() -> ml_collections.ConfigDict:
     # Comma-separated fields a resumed run may change although they alter the data stream or
     # the trained trajectory (RESUME_OVERRIDABLE below), e.g. "learning_rate,batch_size".
     c.resume_overrides = ""
+    # Metric sinks next to metrics.jsonl (process 0) and profiling; all off by default
+    c.tensorboard = False  # also write the metrics as TensorBoard events to WORKDIR/tensorboard
+    c.wandb = ml_collections.ConfigDict()
+    c.wandb.enabled = False  # also log the metrics and the config to a Weights & Biases run
+    c.wandb.project = "rpg_jax"  # W&B project
+    c.wandb.entity = ""  # W&B team or user; "" = your default entity
+    c.wandb.name = ""  # W&B run name; "" = the workdir's basename
+    c.wandb.tags = ""  # comma-separated W&B run tags
+    c.profile_steps = ""  # "A:B": trace train steps A..B-1 with jax.profiler to WORKDIR/profile
 
     # model "vit" only; the defaults are ViT-Ti/16
     c.vit = ml_collections.ConfigDict()
     c.vit.dim = 192  # embedding width before the `width` multiplier
     c.vit.depth = 12  # encoder blocks
-    c.vit.num_heads = 3
+    c.vit.num_heads = 3  # attention heads (divides the embedding width)
     c.vit.mlp_ratio = 4.0  # MLP hidden width / embedding width
-    c.vit.patch_size = 16
+    c.vit.patch_size = 16  # side of the square patches, in pixels
     c.vit.pool = "cls"  # cls (class token) | mean (mean of the patch tokens)
 
     c.rpg = ml_collections.ConfigDict()
-    c.rpg.enabled = True
+    c.rpg.enabled = True  # generate the selected weights from rings (False = plain model)
     c.rpg.ring_size = 0.1  # fraction (0, 1] of generated weights, or an absolute DoF (> 1)
     c.rpg.groups = "global"  # global | stage | block | layer | JSON {"regex": "ring", ...}
     c.rpg.select = "blocks"  # auto | blocks | convs | kernels | a regex on parameter paths
     c.rpg.mode = "rpg"  # rpg | naive | perm_only | sign_only
-    c.rpg.seed = 0
+    c.rpg.seed = 0  # seed of the index permutations and signs
     # gather: the backward gathers through an inverse table (fastest on CPU; 8 bytes of tables
     # per generated weight) | scatter: forward table only (4 bytes), scatter-add backward
     c.rpg.backward = "gather"
@@ -113,6 +126,8 @@ RESUME_FREE = (
     "data_dir", "worker_count", "eval_batch_size", "eval_steps", "num_epochs",
     "num_train_steps", "log_every_steps", "eval_every_steps", "checkpoint_every_steps",
     "keep_checkpoints", "multihost", "rpg.backward", "rpg.tables", "resume_overrides",
+    "tensorboard", "wandb.enabled", "wandb.project", "wandb.entity", "wandb.name", "wandb.tags",
+    "profile_steps",
 )
 # Every other field changes the data stream (seed, batch_size, synthetic_size, image
 # decoding) or the trained trajectory (learning rate, schedule, decay, momentum, precision):
@@ -139,6 +154,53 @@ def field_value(config: ml_collections.ConfigDict | dict, dotted: str) -> Any:
             return None
         node = node[part]
     return node
+
+
+def describe_fields() -> list[tuple[str, Any, str]]:
+    """(dotted name, default, description) of every leaf field of ``base_config()``.
+
+    The description is the trailing ``# comment`` of the field's ``c.FIELD = ...`` line in
+    ``base_config``'s source, or else the comment lines right above it: the config's one
+    source of truth, also for ``python train.py --help``.
+    """
+    config = base_config()
+    comments = _field_comments(inspect.getsource(base_config))
+    order = {name: i for i, name in enumerate(comments)}  # as base_config lists them
+    names = sorted(field_names(config), key=lambda n: order.get(n, len(order)))
+    return [(name, field_value(config, name), comments.get(name, "")) for name in names]
+
+
+def _field_comments(source: str) -> dict[str, str]:
+    """Maps ``a.b`` to the comment of the statement ``c.a.b = ...`` in ``source``."""
+    comments: dict[str, str] = {}
+    above: list[str] = []  # the comment lines since the last statement or blank line
+    statement: list[tokenize.TokenInfo] = []
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT and not statement:
+            above.append(tok.string.lstrip("#").strip())
+        elif tok.type == tokenize.NL and not statement:
+            if tok.line.strip() == "":
+                above = []
+        elif tok.type in (tokenize.NEWLINE, tokenize.ENDMARKER):
+            name, trailing = _assigned_field(statement)
+            if name:
+                comments[name] = trailing or " ".join(above)
+            statement, above = [], []
+        elif tok.type not in (tokenize.INDENT, tokenize.DEDENT):
+            statement.append(tok)
+    return comments
+
+
+def _assigned_field(tokens: list[tokenize.TokenInfo]) -> tuple[str, str]:
+    """(``a.b``, trailing comment) of a statement ``c.a.b = value  # comment``, else ("", "")."""
+    strings = [t.string for t in tokens]
+    if "=" not in strings or strings[:2] != ["c", "."]:
+        return "", ""
+    target = strings[:strings.index("=")]
+    if not all(t == "." for t in target[1::2]) or not all(t.isidentifier() for t in target[::2]):
+        return "", ""
+    trailing = [t.string.lstrip("#").strip() for t in tokens if t.type == tokenize.COMMENT]
+    return ".".join(target[2::2]), " ".join(trailing)
 
 
 def is_fixed_on_resume(field: str) -> bool:
@@ -221,10 +283,54 @@ def _validate_image_decoding(config: ml_collections.ConfigDict) -> None:
                              f"{DALI_INSTALL}")
 
 
+def profile_window(config: ml_collections.ConfigDict) -> tuple[int, int] | None:
+    """``config.profile_steps`` "A:B" as (A, B), or None when it is "" (no profiling)."""
+    value = config.profile_steps
+    if not isinstance(value, str):
+        _fail("profile_steps", value, '"" (off) or "A:B", the train steps A..B-1 to trace')
+    if not value.strip():
+        return None
+    match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", value)
+    if not match or int(match[1]) >= int(match[2]):
+        _fail("profile_steps", value, '"" (off) or "A:B" with integers 0 <= A < B (the train '
+              "steps A..B-1 to trace)")
+    return int(match[1]), int(match[2])
+
+
+def wandb_tags(config: ml_collections.ConfigDict) -> list[str]:
+    """The tags listed in ``config.wandb.tags``."""
+    return [t.strip() for t in config.wandb.tags.split(",") if t.strip()]
+
+
+# The optional packages of the metric sinks: (config field, module, pip package).
+SINK_PACKAGES = (("tensorboard", "tensorboardX", "tensorboardX"),
+                 ("wandb.enabled", "wandb", "wandb"))
+
+
+def _validate_sinks(config: ml_collections.ConfigDict) -> None:
+    for field in ("tensorboard", "wandb.enabled"):
+        if not isinstance(field_value(config, field), bool):
+            _fail(field, field_value(config, field), "True or False")
+    for field in ("wandb.project", "wandb.entity", "wandb.name", "wandb.tags"):
+        if not isinstance(field_value(config, field), str):
+            _fail(field, field_value(config, field), "a string")
+    if config.wandb.enabled and not config.wandb.project.strip():
+        _fail("wandb.project", config.wandb.project, "a W&B project name")
+    profile_window(config)
+    for field, module, package in SINK_PACKAGES:
+        if field_value(config, field) and importlib.util.find_spec(module) is None:
+            raise ValueError(f"config.{field}=True needs the {package!r} package, which is not "
+                             f"installed: pip install {package} (or pip install "
+                             "'rpg_jax[logging]'), or leave the field off")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the first bad field; cheap, runs before any work starts."""
+    from rpg_jax import optim
     from rpg_jax.data import DATASET_NAMES
+    from rpg_jax.index_map import MODES
     from rpg_jax.models import MODEL_NAMES
+    from rpg_jax.spec import GROUP_PRESETS, SELECT_PRESETS
 
     for field in field_names(config):
         value = field_value(config, field)
@@ -283,6 +389,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
             _fail(field, config[field], "-1 (every epoch), 0 (only at the end) or a step count")
     if config.keep_checkpoints < 1:
         _fail("keep_checkpoints", config.keep_checkpoints, "at least 1")
+    _validate_sinks(config)
     fields = field_names(config)
     for name in resume_overrides(config):
         if name not in fields or is_fixed_on_resume(name) or name in RESUME_FREE:

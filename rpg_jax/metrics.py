@@ -56,12 +56,13 @@ class MetricWriter:
             f.writelines(json.dumps(r) + "\n" for r in kept)
         os.replace(tmp, self.path)
 
-    def write(self, step: int, **values: Any) -> None:
-        if not self.active:
-            return
+    def write(self, step: int, **values: Any) -> dict[str, Any]:
+        """Appends the record (process 0) and returns it, as a JSON-ready dict."""
         record = {"step": int(step), **{k: _plain(v) for k, v in values.items()}}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if self.active:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        return record
 
 
 def _plain(value: Any) -> Any:

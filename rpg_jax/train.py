@@ -25,11 +25,13 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from rpg_jax import checkpoints, data, experiment, optim, sharding, steps
+from rpg_jax import checkpoints, data, experiment, optim, profiling, sharding, steps
 from rpg_jax import config as config_lib
 from rpg_jax import workdir as workdir_lib
 from rpg_jax.generator import count, make_tables
 from rpg_jax.metrics import MetricWriter, read_metrics
+from rpg_jax.progress import Progress, hms
+from rpg_jax.sinks import MetricSinks
 
 SUMMARY_FILE = "summary.json"
 
@@ -119,8 +121,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     saved, so the finite checkpoints stay.
     """
     config_lib.validate(config)
-    with _workdir_lock(workdir), _PreemptionFlag(stop) as flag:
-        return _train_and_evaluate(config, workdir, flag)
+    with _workdir_lock(workdir), _PreemptionFlag(stop) as flag, \
+            contextlib.ExitStack() as cleanup:  # metric sinks, profiler: closed on any exit
+        return _train_and_evaluate(config, workdir, flag, cleanup)
 
 
 @contextlib.contextmanager
@@ -149,7 +152,8 @@ def _workdir_lock(workdir: str):
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                        flag: _PreemptionFlag) -> dict[str, Any]:
+                        flag: _PreemptionFlag, cleanup: contextlib.ExitStack) -> dict[str, Any]:
+    run_start = time.perf_counter()
     _check_devices(config)
     info = data.dataset_info(config.dataset, config.data_dir or None,
                              synthetic_size=config.synthetic_size or None)
@@ -235,6 +239,14 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             raise _diverged(str(e), manager) from None
 
     writer.truncate_after(step)
+    # TensorBoard / W&B mirror metrics.jsonl from here on, each first brought up to date with
+    # it (the records up to the resumed step): a resumed run continues without duplicates.
+    sinks = cleanup.enter_context(MetricSinks(config, workdir, jax.process_index()))
+    sinks.start()
+
+    def record(step: int, **values: Any) -> None:
+        sinks.write(step, writer.write(step, **values))
+
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json(indent=1))
@@ -251,6 +263,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     first_step, train_seconds = step, 0.0
     window_start, window_steps, paused = time.perf_counter(), 0, 0.0
     last_eval = _recorded_eval(workdir, step)  # a resumed run may have evaluated this step
+    progress = Progress(step, num_steps, start_time=run_start)  # the log lines' elapsed, ETA
+    profiler = profiling.StepProfiler(config_lib.profile_window(config), workdir, num_steps)
+    cleanup.callback(profiler.stop)  # an error inside the window still ends the trace
 
     def run_eval() -> dict[str, float]:
         result = evaluate(eval_step, state, tables, eval_batches, to_global, config.eval_steps)
@@ -259,15 +274,17 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             ema_result = evaluate(eval_step, ema, tables, eval_batches, to_global,
                                   config.eval_steps)
             result.update({k.replace("eval_", "eval_ema_"): v for k, v in ema_result.items()})
-        writer.write(step, epoch=step / exp.steps_per_epoch, **result)
+        record(step, epoch=step / exp.steps_per_epoch, **result)
         _log_eval(step, result)
         return result
 
     if 0 < step < num_steps and eval_every and step % eval_every == 0 and not last_eval:
         last_eval = run_eval()  # due when the previous run stopped, but not yet done
     while step < num_steps:
-        state, metrics = train_step(state, to_global(next(train_iter)), tables)
+        with profiler.step(step):
+            state, metrics = train_step(state, to_global(next(train_iter)), tables)
         step += 1
+        profiler.after_step(step, state)
         window_steps += 1
         pending.append(metrics)
         bar.update(1)
@@ -277,14 +294,15 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             elapsed = time.perf_counter() - window_start - paused
             train_seconds += elapsed
             rate = window_steps * config.batch_size / elapsed
-            writer.write(step, epoch=step / exp.steps_per_epoch, train_loss=means["loss"],
-                         train_accuracy=means["accuracy"],
-                         learning_rate=means["learning_rate"], images_per_sec=rate)
+            record(step, epoch=step / exp.steps_per_epoch, train_loss=means["loss"],
+                   train_accuracy=means["accuracy"], learning_rate=means["learning_rate"],
+                   images_per_sec=rate)
             bar.set_postfix(loss=f"{means['loss']:.3f}", acc=f"{means['accuracy']:.3f}")
-            if bar.disable:
-                logging.info("step %d/%d loss %.4f acc %.4f lr %.4g %.0f img/s", step,
-                             num_steps, means["loss"], means["accuracy"],
-                             means["learning_rate"], rate)
+            if bar.disable:  # cluster jobs: the log line carries the progress
+                wall, eta = progress.update(step)
+                logging.info("step %d/%d loss %.4f acc %.4f lr %.4g %.0f img/s elapsed %s "
+                             "ETA %s", step, num_steps, means["loss"], means["accuracy"],
+                             means["learning_rate"], rate, hms(wall), hms(eta))
             pending = []
             window_start, window_steps, paused = time.perf_counter(), 0, 0.0
             bad, _ = checkpoints.state_health(state)
@@ -305,6 +323,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         paused += time.perf_counter() - pause_start
     preempted = step < num_steps
     bar.close()
+    profiler.stop(state)  # the run ended inside the window
 
     if preempted:
         logging.warning("Preempted at step %d: saving a checkpoint and exiting", step)
