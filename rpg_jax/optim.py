@@ -142,19 +142,24 @@ def path_name(path: tuple) -> str:
 
 
 class EmaState(NamedTuple):
-    """The exponential moving average of the parameters (same tree as the parameters)."""
+    """The exponential moving average of the parameters, not yet debiased."""
 
+    count: jax.Array
     ema: Any
 
 
 def ema_of_params(decay: float) -> optax.GradientTransformation:
-    """Keeps ``ema <- decay * ema + (1 - decay) * new_params`` after every update, starting
-    from the initial parameters; passes the updates through unchanged.
+    """Keeps ``ema <- decay * ema + (1 - decay) * new_params`` after every update, from
+    zeros, and passes the updates through unchanged. ``ema_params`` debiases it (divides by
+    ``1 - decay ** count``, as ``optax.ema`` and Adam do), so the initial parameters weigh
+    nothing: without that, 0.999 ** 1872 = 15% of a 4-epoch Fashion-MNIST run's average
+    would be the random initialisation (measured: 81.9% top-1 vs 90.9% live).
 
     Chained last (inside ``MultiSteps``), so it sees each applied update once.
     """
-    def init(params):  # copies: the state's buffers must not alias the params' (donation)
-        return EmaState(ema=jax.tree.map(lambda p: jnp.array(p, copy=True), params))
+    def init(params):
+        return EmaState(count=jnp.zeros((), jnp.int32),
+                        ema=jax.tree.map(jnp.zeros_like, params))
 
     def update(updates, state, params=None):
         if params is None:
@@ -162,16 +167,25 @@ def ema_of_params(decay: float) -> optax.GradientTransformation:
         new = optax.apply_updates(params, updates)
         ema = jax.tree.map(lambda e, p: (decay * e + (1.0 - decay) * p).astype(e.dtype),
                            state.ema, new)
-        return updates, EmaState(ema=ema)
+        return updates, EmaState(count=state.count + 1, ema=ema)
 
     return optax.GradientTransformation(init, update)
 
 
-def ema_params(opt_state: Any) -> Any | None:
-    """The EMA parameters held in an optimizer state (None when it keeps no EMA)."""
+def ema_params(opt_state: Any, decay: float) -> Any | None:
+    """The debiased EMA parameters held in an optimizer state (None when it keeps none).
+
+    ``decay`` is the run's ``config.ema_decay``. Before the first update it returns the
+    zeros the average starts from.
+    """
     found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, EmaState))
              if isinstance(s, EmaState)]
-    return found[0].ema if found else None
+    if not found:
+        return None
+    state = found[0]
+    correction = 1.0 - jnp.asarray(decay, jnp.float32) ** state.count
+    correction = jnp.where(state.count > 0, correction, 1.0)
+    return jax.tree.map(lambda e: (e / correction).astype(e.dtype), state.ema)
 
 
 def make_optimizer(config: ml_collections.ConfigDict,

@@ -270,7 +270,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     def run_eval() -> dict[str, float]:
         result = evaluate(eval_step, state, tables, eval_batches, to_global, config.eval_steps)
         if config.ema_eval:  # the EMA parameters with the live BatchNorm statistics
-            ema = state.replace(trainable=optim.ema_params(state.opt_state))
+            ema = state.replace(trainable=optim.ema_params(state.opt_state, config.ema_decay))
             ema_result = evaluate(eval_step, ema, tables, eval_batches, to_global,
                                   config.eval_steps)
             result.update({k.replace("eval_", "eval_ema_"): v for k, v in ema_result.items()})

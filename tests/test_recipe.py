@@ -84,14 +84,14 @@ def test_label_smoothing_changes_the_loss_by_the_known_amount():
 
 
 def test_ema_after_n_steps_equals_the_closed_form():
-    """ema_n = d^n p_0 + (1 - d) sum_t d^(n-t) p_t over the trajectory p_1..p_n."""
+    """Debiased: ema_n = (1 - d) sum_t d^(n-t) p_t / (1 - d^n) over the trajectory p_1..p_n
+    (the initial parameters p_0 weigh nothing; after one update ema = p_1)."""
     d, lr, n = 0.9, 0.1, 7
     tx = optim.make_optimizer(recipe(ema_decay=d), optax.constant_schedule(lr))
     params = {"w": jnp.array([1.0, -2.0, 3.0]), "b": jnp.array(0.5)}
     state = tx.init(params)
-    np.testing.assert_array_equal(optim.ema_params(state)["w"], params["w"])
     # its own buffers: a donated train state must not hold one buffer twice
-    assert (optim.ema_params(state)["w"].unsafe_buffer_pointer()
+    assert (optim.ema_params(state, d)["w"].unsafe_buffer_pointer()
             != params["w"].unsafe_buffer_pointer())
     trajectory = [params]
     for _ in range(n):
@@ -99,12 +99,15 @@ def test_ema_after_n_steps_equals_the_closed_form():
         updates, state = tx.update(grads, state, params)
         params = optax.apply_updates(params, updates)
         trajectory.append(params)
+        if len(trajectory) == 2:
+            jax.tree.map(lambda e, p: np.testing.assert_allclose(e, p, rtol=1e-6),
+                         optim.ema_params(state, d), params)
     for name in params:
-        want = d ** n * trajectory[0][name] + (1 - d) * sum(
-            d ** (n - t) * trajectory[t][name] for t in range(1, n + 1))
-        np.testing.assert_allclose(optim.ema_params(state)[name], want, rtol=1e-6)
+        want = (1 - d) * sum(d ** (n - t) * trajectory[t][name]
+                             for t in range(1, n + 1)) / (1 - d ** n)
+        np.testing.assert_allclose(optim.ema_params(state, d)[name], want, rtol=1e-6)
         assert not np.allclose(want, params[name])  # the EMA lags the parameters
-    assert optim.ema_params(optim.make_optimizer(recipe(), lr).init(params)) is None
+    assert optim.ema_params(optim.make_optimizer(recipe(), lr).init(params), d) is None
 
 
 # ------------------------------------------------------------------- gradient accumulation
@@ -337,7 +340,7 @@ def test_every_knob_on_a_preempted_run_resumes_exactly(tmp_path):
     assert resumed["eval_ema_loss"] == full["eval_ema_loss"] != full["eval_loss"]
     sa, sb = saved_state(a), saved_state(b)
     jax.tree.map(np.testing.assert_array_equal, sa, sb)
-    ema = optim.ema_params(sa.opt_state)
+    ema = optim.ema_params(sa.opt_state, 0.9)
     pairs = zip(jax.tree.leaves(ema), jax.tree.leaves(sa.trainable), strict=True)
     assert ema is not None and not all(np.array_equal(e, p) for e, p in pairs)
     evals = [r for r in read_metrics(str(a)) if "eval_top1" in r]
