@@ -34,8 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rpg_jax import data, steps
-from rpg_jax.checkpoints import load_checkpoint
+from rpg_jax import checkpoints, data, steps
 from rpg_jax.export import export
 from rpg_jax.generator import make_tables
 from rpg_jax.quantize import QUANT_BITS, CompressedArray, compress_array, global_threshold
@@ -91,21 +90,18 @@ def check_finite(ckpt) -> None:
 
 
 def evaluate(ckpt, trainable: Any, batch_size: int = 500) -> dict[str, float]:
-    """Top-1/top-5/loss of ``trainable`` (with the checkpoint's model) on the eval split."""
+    """Top-1/top-5/loss of ``trainable`` (with the checkpoint's model) on the eval split:
+    the train loop's :func:`rpg_jax.steps.evaluate` over the whole split."""
     eval_step = jax.jit(steps.make_eval_step(ckpt.model, ckpt.spec, ckpt.info.mean,
                                              ckpt.info.std))
     state = steps.TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable,
                              opt_state=None, batch_stats=ckpt.batch_stats)
     tables = make_tables(ckpt.spec, inverse=False) if ckpt.spec is not None else {}
-    totals = None
-    for batch in data.make_eval_batches(ckpt.info.name, global_batch_size=batch_size,
-                                        data_dir=ckpt.config.get("data_dir") or None):
-        sums = eval_step(state, batch, tables)
-        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-    totals = jax.device_get(totals)
-    n = float(totals["count"])
-    return {"top1": float(totals["top1"]) / n, "top5": float(totals["top5"]) / n,
-            "loss": float(totals["loss"]) / n}
+    batches = data.make_eval_batches(ckpt.info.name, global_batch_size=batch_size,
+                                     data_dir=ckpt.config.get("data_dir") or None)
+    result = steps.evaluate(eval_step, state, tables, batches)
+    return {"top1": result["eval_top1"], "top5": result["eval_top5"],
+            "loss": result["eval_loss"]}
 
 
 def finetune(ckpt, trainable: Any, keep: dict[str, np.ndarray], steps_: int,
@@ -208,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
             existing = os.path.dirname(existing)
         if not os.access(existing, os.W_OK):
             parser.error(f"--out={args.out!r}: cannot write in {existing!r}")
-    ckpt = load_checkpoint(args.workdir, args.step)
+    ckpt = checkpoints.load_checkpoint(args.workdir, args.step)
     if args.out and ckpt.spec is None:
         parser.error("--out writes an RPG artifact; this checkpoint is a plain model")
     try:
