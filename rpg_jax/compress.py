@@ -11,8 +11,10 @@ weights RPG would generate (the block conv kernels), so both compress alike.
   fraction of entries set to zero.
 * Quantisation: symmetric, ``bits`` in {8, 4} (or 32: float32, pruning only), one scale per
   array or per ``chunk`` consecutive entries: q = round(x / s), s = max|x| / (2^(bits-1) - 1).
-* Fine-tuning (optional): ``finetune_steps`` steps of the run's optimizer at
-  ``finetune_lr`` on the training data with pruned entries held at zero, before quantising.
+* Fine-tuning (optional): ``finetune_steps`` steps of the run's optimizer (its kind,
+  momentum, Nesterov, weight decay and decay mask; see ``finetune_optimizer``) at the
+  constant rate ``finetune_lr`` on the training data with pruned entries held at zero,
+  before quantising.
 * Stored bytes: a bitmap of the kept entries (when pruned), the packed integer codes, the
   float32 scales, plus the float32 free parameters and batch statistics.
 
@@ -31,10 +33,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 
-from rpg_jax import checkpoints, data, steps
+from rpg_jax import checkpoints, data, optim, steps
 from rpg_jax.export import export
 from rpg_jax.generator import make_tables
 from rpg_jax.quantize import QUANT_BITS, CompressedArray, compress_array, global_threshold
@@ -44,8 +47,8 @@ from rpg_jax.spec import flatten_params, make_spec, unflatten_params
 # rpg_jax.export; re-exported here.
 __all__ = [
     "QUANT_BITS", "CompressedArray", "check_finite", "compress_array", "compress_checkpoint",
-    "compressible", "evaluate", "finetune", "global_threshold", "main", "other_bytes",
-    "with_arrays",
+    "compressible", "evaluate", "finetune", "finetune_optimizer", "global_threshold", "main",
+    "other_bytes", "with_arrays",
 ]
 
 # ------------------------------------------------------------------------------ checkpoints
@@ -104,15 +107,34 @@ def evaluate(ckpt, trainable: Any, batch_size: int = 500) -> dict[str, float]:
             "loss": result["eval_loss"]}
 
 
+def finetune_optimizer(config: ml_collections.ConfigDict,
+                       learning_rate: float) -> optax.GradientTransformation:
+    """The run's optimizer at the constant rate ``learning_rate``, for fine-tuning.
+
+    Carried over from the run's config: the optimizer kind (SGD with coupled decay or AdamW),
+    momentum, Nesterov, weight decay and its mask (``weight_decay_exclude``). Not carried
+    over: the schedule and warm-up (the rate is constant), gradient clipping, the parameter
+    EMA and gradient accumulation (each fine-tuning step is one update of one batch); the
+    optimizer state starts fresh (zero moments), not from the checkpoint's.
+    """
+    tuned = ml_collections.ConfigDict(config.to_dict())
+    tuned.grad_clip_norm, tuned.ema_decay, tuned.grad_accum_steps = 0.0, 0.0, 1
+    return optim.make_optimizer(tuned, optax.constant_schedule(learning_rate))
+
+
 def finetune(ckpt, trainable: Any, keep: dict[str, np.ndarray], steps_: int,
              learning_rate: float) -> Any:
-    """``steps_`` training steps with pruned entries held at zero; returns the trainable."""
+    """``steps_`` training steps of :func:`finetune_optimizer` (the run's optimizer at the
+    constant rate ``learning_rate``) with pruned entries held at zero; returns the trainable.
+
+    The loss is the plain cross entropy in float32 (no label smoothing or mixing); the
+    training batches come from the run's dataset and batch size, shuffled with seed + 1.
+    """
     ones = jax.tree.map(jnp.ones_like, trainable)
     masks = with_arrays(dataclasses.replace(ckpt, bank=ones),
                         {k: v.astype(np.float32) for k, v in keep.items()})
     c = ckpt.config
-    tx = optax.chain(optax.add_decayed_weights(c.weight_decay),
-                     optax.sgd(learning_rate, momentum=c.momentum or None))
+    tx = finetune_optimizer(c, learning_rate)
     step_fn = steps.make_train_step(ckpt.model, tx, ckpt.spec, ckpt.info.mean, ckpt.info.std)
 
     @jax.jit
