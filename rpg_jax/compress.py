@@ -24,11 +24,16 @@ chooses the arrays, fine-tunes, evaluates and writes the artifact (``rpg_jax.exp
 
 from __future__ import annotations
 
-import argparse
+import sys
+
+if __name__ == "__main__":  # --help and flag errors answer before JAX is imported (seconds)
+    from rpg_jax import cli
+
+    cli.parse_compress_args(sys.argv[1:])
+
 import dataclasses
 import json
 import math
-import os
 from typing import Any
 
 import jax
@@ -37,7 +42,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from rpg_jax import checkpoints, data, optim, steps
+from rpg_jax import checkpoints, cli, data, optim, steps
 from rpg_jax.export import export
 from rpg_jax.generator import make_tables
 from rpg_jax.quantize import QUANT_BITS, CompressedArray, compress_array, global_threshold
@@ -198,34 +203,8 @@ def compress_checkpoint(ckpt, *, prune: float = 0.0, bits: int = 32, chunk: int 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m rpg_jax.compress",
-                                     description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", required=True)
-    parser.add_argument("--step", type=int, default=None)
-    parser.add_argument("--prune", type=float, default=0.0)
-    parser.add_argument("--bits", type=int, default=32, choices=QUANT_BITS)
-    parser.add_argument("--chunk", type=int, default=None)
-    parser.add_argument("--finetune_steps", type=int, default=0)
-    parser.add_argument("--finetune_lr", type=float, default=0.01)
-    parser.add_argument("--out", default=None, help="write the compressed RPG model here")
-    args = parser.parse_args(argv)
-    if not 0 <= args.prune < 1:
-        parser.error(f"--prune={args.prune}: expected a fraction in [0, 1)")
-    if args.chunk is not None and args.chunk < 1:
-        parser.error(f"--chunk={args.chunk}: expected a positive number of entries")
-    if args.finetune_steps < 0:
-        parser.error(f"--finetune_steps={args.finetune_steps}: expected >= 0")
-    if not (math.isfinite(args.finetune_lr) and args.finetune_lr > 0):
-        parser.error(f"--finetune_lr={args.finetune_lr}: expected a positive finite number")
-    if args.out:
-        out_dir = os.path.dirname(os.path.abspath(args.out))
-        if os.path.isdir(args.out):
-            parser.error(f"--out={args.out!r} is a directory; expected a file path")
-        existing = out_dir
-        while not os.path.isdir(existing):
-            existing = os.path.dirname(existing)
-        if not os.access(existing, os.W_OK):
-            parser.error(f"--out={args.out!r}: cannot write in {existing!r}")
+    """The command line (``argv`` without the program name; flags: ``rpg_jax.cli``)."""
+    parser, args = cli.parse_compress_args(argv)
     ckpt = checkpoints.load_checkpoint(args.workdir, args.step)
     if args.out and ckpt.spec is None:
         parser.error("--out writes an RPG artifact; this checkpoint is a plain model")
