@@ -11,124 +11,50 @@ weights RPG would generate (the block conv kernels), so both compress alike.
   fraction of entries set to zero.
 * Quantisation: symmetric, ``bits`` in {8, 4} (or 32: float32, pruning only), one scale per
   array or per ``chunk`` consecutive entries: q = round(x / s), s = max|x| / (2^(bits-1) - 1).
-* Fine-tuning (optional): ``finetune_steps`` steps of the run's optimizer at
-  ``finetune_lr`` on the training data with pruned entries held at zero, before quantising.
+* Fine-tuning (optional): ``finetune_steps`` steps of the run's optimizer (its kind,
+  momentum, Nesterov, weight decay and decay mask; see ``finetune_optimizer``) at the
+  constant rate ``finetune_lr`` on the training data with pruned entries held at zero,
+  before quantising.
 * Stored bytes: a bitmap of the kept entries (when pruned), the packed integer codes, the
   float32 scales, plus the float32 free parameters and batch statistics.
+
+The array codec (threshold, quantisation, stored form) is ``rpg_jax.quantize``; this module
+chooses the arrays, fine-tunes, evaluates and writes the artifact (``rpg_jax.export``).
 """
 
 from __future__ import annotations
 
+import sys
+
+if __name__ == "__main__":  # --help and flag errors answer before JAX is imported (seconds)
+    from rpg_jax import cli
+
+    cli.parse_compress_args(sys.argv[1:])
+
 import dataclasses
 import json
 import math
-import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 
-QUANT_BITS = (32, 8, 4)
+from rpg_jax import checkpoints, cli, data, optim, steps
+from rpg_jax.export import export
+from rpg_jax.generator import make_tables
+from rpg_jax.quantize import QUANT_BITS, CompressedArray, compress_array, global_threshold
+from rpg_jax.spec import flatten_params, make_spec, unflatten_params
 
-
-@dataclasses.dataclass
-class CompressedArray:
-    """A 1-D float array stored pruned and/or quantised."""
-
-    size: int
-    bits: int
-    chunk: int  # entries per scale
-    mask: np.ndarray | None  # np.packbits of the kept entries; None when nothing is pruned
-    codes: np.ndarray  # float32 values (bits 32), int8 codes (8) or two 4-bit codes a byte (4)
-    scales: np.ndarray  # float32, one per chunk (empty for bits 32)
-
-    @property
-    def nbytes(self) -> int:
-        return (self.mask.nbytes if self.mask is not None else 0) + self.codes.nbytes \
-            + self.scales.nbytes
-
-    @property
-    def nonzeros(self) -> int:
-        return int(np.count_nonzero(self.dequantize()))
-
-    def keep(self) -> np.ndarray:
-        if self.mask is None:
-            return np.ones(self.size, bool)
-        return np.unpackbits(self.mask, count=self.size).astype(bool)
-
-    def dequantize(self) -> np.ndarray:
-        """The float32 array this stores."""
-        keep = self.keep()
-        if self.bits == 32:
-            values = self.codes
-        else:
-            q = self.codes.astype(np.int8) if self.bits == 8 else _unpack4(self.codes, keep.sum())
-            positions = np.flatnonzero(keep)
-            values = q.astype(np.float32) * self.scales[positions // self.chunk]
-        out = np.zeros(self.size, np.float32)
-        out[keep] = values
-        return out
-
-    def to_state(self) -> dict[str, Any]:
-        return {"size": self.size, "bits": self.bits, "chunk": self.chunk,
-                "mask": self.mask if self.mask is not None else np.zeros(0, np.uint8),
-                "has_mask": self.mask is not None, "codes": self.codes, "scales": self.scales}
-
-    @classmethod
-    def from_state(cls, d: dict[str, Any]) -> CompressedArray:
-        return cls(int(d["size"]), int(d["bits"]), int(d["chunk"]),
-                   np.asarray(d["mask"]) if d["has_mask"] else None,
-                   np.asarray(d["codes"]), np.asarray(d["scales"], np.float32))
-
-
-def _pack4(q: np.ndarray) -> np.ndarray:
-    nibbles = (q.astype(np.int16) + 8).astype(np.uint8)  # [-7, 7] -> [1, 15]
-    if nibbles.size % 2:
-        nibbles = np.append(nibbles, np.uint8(8))
-    return (nibbles[0::2] | (nibbles[1::2] << 4)).astype(np.uint8)
-
-
-def _unpack4(packed: np.ndarray, count: int) -> np.ndarray:
-    nibbles = np.stack([packed & 0x0F, packed >> 4], axis=1).reshape(-1)[:count]
-    return nibbles.astype(np.int16) - 8
-
-
-def global_threshold(arrays: list[np.ndarray], sparsity: float) -> float:
-    """The magnitude at or below which the smallest ``sparsity`` fraction of entries lie."""
-    if not 0 <= sparsity < 1:
-        raise ValueError(f"prune={sparsity}: expected a fraction in [0, 1)")
-    if sparsity == 0:
-        return -1.0
-    magnitudes = np.abs(np.concatenate([np.ravel(a) for a in arrays]))
-    k = int(round(sparsity * magnitudes.size))
-    return float(np.partition(magnitudes, k - 1)[k - 1]) if k else -1.0
-
-
-def compress_array(x: np.ndarray, *, threshold: float = -1.0, bits: int = 32,
-                   chunk: int | None = None) -> CompressedArray:
-    """Prunes entries with ``|x| <= threshold`` and quantises the rest to ``bits``."""
-    if bits not in QUANT_BITS:
-        raise ValueError(f"bits={bits}: expected one of {QUANT_BITS}")
-    if chunk is not None and chunk < 1:
-        raise ValueError(f"chunk={chunk}: expected a positive number of entries")
-    x = np.asarray(x, np.float32).ravel()
-    keep = np.abs(x) > threshold
-    mask = None if keep.all() else np.packbits(keep)
-    chunk = min(chunk or x.size, x.size)
-    if bits == 32:
-        return CompressedArray(x.size, bits, chunk, mask, x[keep], np.zeros(0, np.float32))
-    qmax = 2 ** (bits - 1) - 1
-    kept = np.where(keep, np.abs(x), 0.0)
-    pad = (-x.size) % chunk
-    scales = np.pad(kept, (0, pad)).reshape(-1, chunk).max(axis=1) / qmax
-    scales = np.where(scales > 0, scales, 1.0).astype(np.float32)
-    positions = np.flatnonzero(keep)
-    q = np.clip(np.round(x[keep] / scales[positions // chunk]), -qmax, qmax).astype(np.int8)
-    codes = q if bits == 8 else _pack4(q)
-    return CompressedArray(x.size, bits, chunk, mask, codes, scales)
-
+# The array codec (QUANT_BITS, CompressedArray, ...) lives in rpg_jax.quantize, shared with
+# rpg_jax.export; re-exported here.
+__all__ = [
+    "QUANT_BITS", "CompressedArray", "check_finite", "compress_array", "compress_checkpoint",
+    "compressible", "evaluate", "finetune", "finetune_optimizer", "global_threshold", "main",
+    "other_bytes", "with_arrays",
+]
 
 # ------------------------------------------------------------------------------ checkpoints
 
@@ -138,8 +64,6 @@ def compressible(ckpt) -> dict[str, np.ndarray]:
     RPG would generate from a ring (the block conv kernels), flattened."""
     if ckpt.spec is not None:
         return {name: np.asarray(r) for name, r in ckpt.bank["rings"].items()}
-    from rpg_jax.spec import flatten_params, make_spec
-
     spec = make_spec(ckpt.bank, 1.0)  # only to select the same leaves as RPG would
     flat = dict(flatten_params(ckpt.bank))
     return {leaf.name: np.asarray(flat[leaf.path]).ravel() for leaf in spec.generated}
@@ -150,8 +74,6 @@ def with_arrays(ckpt, arrays: dict[str, Any]) -> Any:
     if ckpt.spec is not None:
         return {"rings": {k: jnp.asarray(v) for k, v in arrays.items()},
                 "free": ckpt.bank["free"]}
-    from rpg_jax.spec import flatten_params, unflatten_params
-
     pairs = [(path, jnp.asarray(arrays["/".join(path)]).reshape(np.shape(x))
               if "/".join(path) in arrays else x) for path, x in flatten_params(ckpt.bank)]
     return unflatten_params(pairs)
@@ -176,38 +98,48 @@ def check_finite(ckpt) -> None:
 
 
 def evaluate(ckpt, trainable: Any, batch_size: int = 500) -> dict[str, float]:
-    """Top-1/top-5/loss of ``trainable`` (with the checkpoint's model) on the eval split."""
-    from rpg_jax import data, steps
-    from rpg_jax.generator import make_tables
-
+    """Top-1/top-5/loss of ``trainable`` (with the checkpoint's model) on the eval split:
+    the train loop's :func:`rpg_jax.steps.evaluate` over the whole split."""
     eval_step = jax.jit(steps.make_eval_step(ckpt.model, ckpt.spec, ckpt.info.mean,
                                              ckpt.info.std))
     state = steps.TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable,
                              opt_state=None, batch_stats=ckpt.batch_stats)
     tables = make_tables(ckpt.spec, inverse=False) if ckpt.spec is not None else {}
-    totals = None
-    for batch in data.make_eval_batches(ckpt.info.name, global_batch_size=batch_size,
-                                        data_dir=ckpt.config.get("data_dir") or None):
-        sums = eval_step(state, batch, tables)
-        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-    totals = jax.device_get(totals)
-    n = float(totals["count"])
-    return {"top1": float(totals["top1"]) / n, "top5": float(totals["top5"]) / n,
-            "loss": float(totals["loss"]) / n}
+    batches = data.make_eval_batches(ckpt.info.name, global_batch_size=batch_size,
+                                     data_dir=ckpt.config.get("data_dir") or None)
+    result = steps.evaluate(eval_step, state, tables, batches)
+    return {"top1": result["eval_top1"], "top5": result["eval_top5"],
+            "loss": result["eval_loss"]}
+
+
+def finetune_optimizer(config: ml_collections.ConfigDict,
+                       learning_rate: float) -> optax.GradientTransformation:
+    """The run's optimizer at the constant rate ``learning_rate``, for fine-tuning.
+
+    Carried over from the run's config: the optimizer kind (SGD with coupled decay or AdamW),
+    momentum, Nesterov, weight decay and its mask (``weight_decay_exclude``). Not carried
+    over: the schedule and warm-up (the rate is constant), gradient clipping, the parameter
+    EMA and gradient accumulation (each fine-tuning step is one update of one batch); the
+    optimizer state starts fresh (zero moments), not from the checkpoint's.
+    """
+    tuned = ml_collections.ConfigDict(config.to_dict())
+    tuned.grad_clip_norm, tuned.ema_decay, tuned.grad_accum_steps = 0.0, 0.0, 1
+    return optim.make_optimizer(tuned, optax.constant_schedule(learning_rate))
 
 
 def finetune(ckpt, trainable: Any, keep: dict[str, np.ndarray], steps_: int,
              learning_rate: float) -> Any:
-    """``steps_`` training steps with pruned entries held at zero; returns the trainable."""
-    from rpg_jax import data, steps
-    from rpg_jax.generator import make_tables
+    """``steps_`` training steps of :func:`finetune_optimizer` (the run's optimizer at the
+    constant rate ``learning_rate``) with pruned entries held at zero; returns the trainable.
 
+    The loss is the plain cross entropy in float32 (no label smoothing or mixing); the
+    training batches come from the run's dataset and batch size, shuffled with seed + 1.
+    """
     ones = jax.tree.map(jnp.ones_like, trainable)
     masks = with_arrays(dataclasses.replace(ckpt, bank=ones),
                         {k: v.astype(np.float32) for k, v in keep.items()})
     c = ckpt.config
-    tx = optax.chain(optax.add_decayed_weights(c.weight_decay),
-                     optax.sgd(learning_rate, momentum=c.momentum or None))
+    tx = finetune_optimizer(c, learning_rate)
     step_fn = steps.make_train_step(ckpt.model, tx, ckpt.spec, ckpt.info.mean, ckpt.info.std)
 
     @jax.jit
@@ -271,40 +203,9 @@ def compress_checkpoint(ckpt, *, prune: float = 0.0, bits: int = 32, chunk: int 
 
 
 def main(argv: list[str] | None = None) -> None:
-    import argparse
-
-    from rpg_jax.checkpoints import load_checkpoint
-    from rpg_jax.export import export
-
-    parser = argparse.ArgumentParser(prog="python -m rpg_jax.compress",
-                                     description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", required=True)
-    parser.add_argument("--step", type=int, default=None)
-    parser.add_argument("--prune", type=float, default=0.0)
-    parser.add_argument("--bits", type=int, default=32, choices=QUANT_BITS)
-    parser.add_argument("--chunk", type=int, default=None)
-    parser.add_argument("--finetune_steps", type=int, default=0)
-    parser.add_argument("--finetune_lr", type=float, default=0.01)
-    parser.add_argument("--out", default=None, help="write the compressed RPG model here")
-    args = parser.parse_args(argv)
-    if not 0 <= args.prune < 1:
-        parser.error(f"--prune={args.prune}: expected a fraction in [0, 1)")
-    if args.chunk is not None and args.chunk < 1:
-        parser.error(f"--chunk={args.chunk}: expected a positive number of entries")
-    if args.finetune_steps < 0:
-        parser.error(f"--finetune_steps={args.finetune_steps}: expected >= 0")
-    if not (math.isfinite(args.finetune_lr) and args.finetune_lr > 0):
-        parser.error(f"--finetune_lr={args.finetune_lr}: expected a positive finite number")
-    if args.out:
-        out_dir = os.path.dirname(os.path.abspath(args.out))
-        if os.path.isdir(args.out):
-            parser.error(f"--out={args.out!r} is a directory; expected a file path")
-        existing = out_dir
-        while not os.path.isdir(existing):
-            existing = os.path.dirname(existing)
-        if not os.access(existing, os.W_OK):
-            parser.error(f"--out={args.out!r}: cannot write in {existing!r}")
-    ckpt = load_checkpoint(args.workdir, args.step)
+    """The command line (``argv`` without the program name; flags: ``rpg_jax.cli``)."""
+    parser, args = cli.parse_compress_args(argv)
+    ckpt = checkpoints.load_checkpoint(args.workdir, args.step)
     if args.out and ckpt.spec is None:
         parser.error("--out writes an RPG artifact; this checkpoint is a plain model")
     try:
@@ -323,8 +224,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    # Run the imported module's main, so CompressedArray is the class export() knows.
-    from rpg_jax.compress import main as _main
-
-    _main()
-
+    main()

@@ -6,7 +6,7 @@ One file, msgpack (``flax.serialization``): ``{"format": 2, "sha256", "body"}`` 
 "weights", "batch_stats"}`` and ``sha256`` its SHA-256, verified on load (a flipped bit is
 an error, not a silently wrong model). Format-1 files (the same dict, unwrapped, without a
 checksum) still load. Rings may be stored compressed (pruned and/or quantised, see
-``rpg_jax.compress``); loading expands them to float32.
+``rpg_jax.quantize``); loading expands them to float32.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from flax import serialization
 
 from rpg_jax import data, experiment
 from rpg_jax.checkpoints import Checkpoint
-from rpg_jax.compress import CompressedArray
 from rpg_jax.generator import materialize
+from rpg_jax.quantize import CompressedArray
 from rpg_jax.spec import RPGSpec
 
 EXPORT_FORMAT = 2

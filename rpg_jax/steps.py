@@ -7,7 +7,8 @@ Both paths share every line but the params function, so benchmarks compare like 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import itertools
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -152,6 +153,27 @@ def make_eval_step(
         }
 
     return eval_step
+
+
+def evaluate(eval_step: Callable, state: TrainState, tables: Any, batches: Iterable[Any],
+             to_global: Callable[[Any], Any] = lambda batch: batch,
+             max_batches: int = -1) -> dict[str, float]:
+    """Top-1, top-5 and loss over one pass of ``batches`` (or its first ``max_batches``).
+
+    ``eval_step`` is the (jitted) step of :func:`make_eval_step`; ``to_global`` places each
+    host batch on the devices (the identity on one device). Returns ``eval_loss``,
+    ``eval_top1``, ``eval_top5`` (means over the unpadded examples) and ``eval_count``.
+    """
+    totals = None
+    for batch in itertools.islice(batches, None if max_batches < 0 else max_batches):
+        sums = eval_step(state, to_global(batch), tables)
+        totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
+    if totals is None:
+        raise ValueError("evaluate: no eval batches")
+    totals = jax.device_get(totals)
+    n = max(float(totals["count"]), 1.0)
+    return {"eval_loss": float(totals["loss"]) / n, "eval_top1": float(totals["top1"]) / n,
+            "eval_top5": float(totals["top5"]) / n, "eval_count": int(totals["count"])}
 
 
 def init_state(trainable: Any, batch_stats: Any, tx: optax.GradientTransformation) -> TrainState:

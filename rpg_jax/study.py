@@ -15,6 +15,16 @@ runs' ``summary.json`` and ``metrics.jsonl``, and runs not finished yet are list
 
 from __future__ import annotations
 
+import sys
+
+if __name__ == "__main__":  # python -m rpg_jax.study
+    # One module, not two copies: the study file's ``from rpg_jax.study import Study`` gets
+    # this one, whose Study and Run classes main() checks against.
+    sys.modules.setdefault("rpg_jax.study", sys.modules[__name__])
+    from rpg_jax import cli
+
+    cli.check_study_args(sys.argv)  # --help and flag errors answer before JAX is imported
+
 import contextlib
 import dataclasses
 import functools
@@ -25,7 +35,6 @@ import math
 import os
 import re
 import signal
-import sys
 import textwrap
 import threading
 from collections.abc import Iterator, Mapping, Sequence
@@ -36,11 +45,10 @@ import jax
 import ml_collections
 import numpy as np
 from absl import app, logging
-from absl.flags import argparse_flags
 from tqdm import tqdm
 
+from rpg_jax import cli, data, experiment, train
 from rpg_jax import config as config_lib
-from rpg_jax import data, experiment, train
 from rpg_jax.generator import count
 from rpg_jax.metrics import read_metrics
 
@@ -747,17 +755,8 @@ def list_runs(study: Study, workdir: str, only: str | None = None) -> str:
 
 
 def parse_args(argv: Sequence[str]):
-    """Parses the command line (``argv[0]`` is the program name)."""
-    parser = argparse_flags.ArgumentParser(
-        description="Runs a study of training runs (resumable), then writes its report.")
-    parser.add_argument("--study", required=True, help="study file defining get_study()")
-    parser.add_argument("--workdir", required=True, help="runs train into WORKDIR/<run name>")
-    parser.add_argument("--out", default=None, help="report directory (default: WORKDIR)")
-    parser.add_argument("--only", default=None, help="train only runs whose name matches")
-    parser.add_argument("--report_only", action="store_true", help="write the report only")
-    parser.add_argument("--list", action="store_true",
-                        help="list runs, parameter counts, status and estimated cost")
-    return parser.parse_args(list(argv[1:]))
+    """Parses the command line (``argv[0]`` is the program name; flags: ``rpg_jax.cli``)."""
+    return cli.parse_study_args(argv)
 
 
 def main(args) -> int:
@@ -785,8 +784,4 @@ def _cli(args) -> None:
 
 
 if __name__ == "__main__":
-    # Run the imported module, not this __main__ copy, so that the study file's Study and
-    # Run classes are the ones main() checks against.
-    from rpg_jax import study as _study
-
-    app.run(_study._cli, flags_parser=_study.parse_args)
+    app.run(_cli, flags_parser=parse_args)

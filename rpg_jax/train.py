@@ -9,7 +9,6 @@ returns cleanly.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import logging as std_logging
 import os
@@ -32,6 +31,7 @@ from rpg_jax.generator import count, make_tables
 from rpg_jax.metrics import MetricWriter, read_metrics
 from rpg_jax.progress import Progress, hms
 from rpg_jax.sinks import MetricSinks
+from rpg_jax.steps import evaluate  # the loop calls train.evaluate (tests patch it)
 
 SUMMARY_FILE = "summary.json"
 
@@ -85,19 +85,6 @@ def _check_devices(config: ml_collections.ConfigDict) -> None:
         if value % n:
             raise ValueError(f"config.{field}={value} is not divisible by the {n} devices "
                              f"({jax.process_count()} processes); use a multiple of {n}")
-
-
-def evaluate(eval_step, state, tables, batches, to_global,
-             max_batches: int = -1) -> dict[str, float]:
-    """Top-1, top-5 and loss over one pass of the eval split (or its first batches)."""
-    totals = None
-    for batch in itertools.islice(batches, None if max_batches < 0 else max_batches):
-        sums = eval_step(state, to_global(batch), tables)
-        totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
-    totals = jax.device_get(totals)
-    n = max(float(totals["count"]), 1.0)
-    return {"eval_loss": float(totals["loss"]) / n, "eval_top1": float(totals["top1"]) / n,
-            "eval_top5": float(totals["top5"]) / n, "eval_count": int(totals["count"])}
 
 
 def _log_eval(step: int, metrics: dict[str, float]) -> None:

@@ -1,12 +1,15 @@
 """Pruning, quantisation and export of trained models."""
 
+import dataclasses
 import json
 import os
 
+import jax
 import numpy as np
+import optax
 import pytest
 
-from rpg_jax import compress
+from rpg_jax import compress, optim
 from rpg_jax.checkpoints import load_checkpoint
 from rpg_jax.config import base_config
 from rpg_jax.data import load_fashion_mnist
@@ -106,6 +109,55 @@ def test_finetuning_keeps_pruned_entries_at_zero(rpg_ckpt):
     assert not np.any(kept & (np.abs(ring) <= threshold))
     assert report["nonzeros"] == np.count_nonzero(
         np.concatenate([p.dequantize() for p in packed.values()]))
+
+
+def _adam_states(opt_state):
+    return [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(
+        x, optax.ScaleByAdamState)) if isinstance(s, optax.ScaleByAdamState)]
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+def test_finetune_optimizer_is_the_runs_at_a_constant_rate(kind):
+    c = base_config()
+    c.optimizer, c.momentum, c.nesterov, c.weight_decay = kind, 0.5, kind == "sgd", 0.1
+    c.grad_clip_norm, c.ema_decay, c.grad_accum_steps = 1e-3, 0.9, 4  # not carried over
+    c.weight_decay_exclude = "norm_and_bias"
+    params = {"conv": {"kernel": np.full(3, 2.0, np.float32)},
+              "bn": {"scale": np.full(3, 2.0, np.float32)}}
+    grads = {"conv": {"kernel": np.array([1.0, -4.0, 0.5], np.float32)},
+             "bn": {"scale": np.array([1.0, -4.0, 0.5], np.float32)}}
+    tx = compress.finetune_optimizer(c, 0.01)
+    state = tx.init(params)
+    assert optim.ema_params(state) is None  # no EMA, no MultiSteps: one update per step
+    assert not isinstance(state, optax.MultiStepsState)
+    assert bool(_adam_states(state)) == (kind == "adamw")
+    updates, _ = tx.update(grads, state, params)
+    g = grads["conv"]["kernel"]
+    if kind == "adamw":  # first Adam step: -lr * (g / |g| + decay * p), decay masked off bn
+        expected, bn = -0.01 * (np.sign(g) + 0.1 * 2.0), -0.01 * np.sign(g)
+    else:  # first momentum step is the gradient; Nesterov adds momentum * it again
+        expected, bn = -0.01 * 1.5 * (g + 0.1 * 2.0), -0.01 * 1.5 * g
+    np.testing.assert_allclose(updates["conv"]["kernel"], expected, rtol=1e-4)  # not clipped
+    np.testing.assert_allclose(updates["bn"]["scale"], bn, rtol=1e-4)
+
+
+@needs_fmnist
+def test_finetuning_an_adamw_run_takes_adamw_steps(rpg_ckpt):
+    config = rpg_ckpt.config.copy_and_resolve_references()
+    config.optimizer, config.weight_decay = "adamw", 0.0
+    ckpt = dataclasses.replace(rpg_ckpt, config=config)
+    keep = {k: np.ones(a.size, bool) for k, a in compress.compressible(ckpt).items()}
+    lr = 1e-2
+    tuned = compress.finetune(ckpt, ckpt.bank, keep, 1, lr)
+    delta = np.concatenate([np.asarray(tuned["rings"][k]) - np.asarray(r)
+                            for k, r in ckpt.bank["rings"].items()])
+    step = np.abs(delta)
+    # Adam's first step moves every entry with a gradient by lr * |g| / (|g| + eps), lr for
+    # all but the tiniest gradients; SGD's would be lr * |g|, far below lr and different for
+    # each entry.
+    assert np.mean(step > lr / 10) > 0.5
+    assert step.max() <= lr * (1 + 1e-4)
+    assert np.median(step[step > lr / 10]) == pytest.approx(lr, rel=1e-4)
 
 
 @needs_fmnist
