@@ -128,7 +128,7 @@ def test_finetune_optimizer_is_the_runs_at_a_constant_rate(kind):
              "bn": {"scale": np.array([1.0, -4.0, 0.5], np.float32)}}
     tx = compress.finetune_optimizer(c, 0.01)
     state = tx.init(params)
-    assert optim.ema_params(state) is None  # no EMA, no MultiSteps: one update per step
+    assert optim.ema_params(state, 0.9) is None  # no EMA, no MultiSteps: one update per step
     assert not isinstance(state, optax.MultiStepsState)
     assert bool(_adam_states(state)) == (kind == "adamw")
     updates, _ = tx.update(grads, state, params)
