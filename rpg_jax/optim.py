@@ -208,11 +208,8 @@ def make_optimizer(config: ml_collections.ConfigDict,
     if config.grad_clip_norm > 0:
         parts.append(optax.clip_by_global_norm(config.grad_clip_norm))
     if config.optimizer == "sgd":
-        decay = optax.add_decayed_weights(config.weight_decay, mask)
-        if mask is None:
-            decay = optax.add_decayed_weights(config.weight_decay)
-        parts += [decay, optax.sgd(lr, momentum=config.momentum or None,
-                                   nesterov=config.nesterov)]
+        parts += [optax.add_decayed_weights(config.weight_decay, mask),
+                  optax.sgd(lr, momentum=config.momentum or None, nesterov=config.nesterov)]
     else:
         parts.append(optax.adamw(lr, weight_decay=config.weight_decay, mask=mask))
     if config.ema_decay > 0:
