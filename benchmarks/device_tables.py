@@ -49,6 +49,7 @@ KINDS = {
     "host_scatter": dict(where="host", inverse=False),
     "device_gather": dict(where="device", inverse=True),
     "device_scatter": dict(where="device", inverse=False),
+    "device_remat": dict(where="device", inverse=False, remat=True),
 }
 MEAN, STD = (0.5,) * 3, (0.25,) * 3
 

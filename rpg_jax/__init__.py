@@ -36,6 +36,7 @@ _PUBLIC = {
     "materialize": "generator",
     "INDEX_MAP_VERSION": "index_map",
     "MODES": "index_map",
+    "remat_kernels": "kernel_remat",
     "LeafSpec": "spec",
     "RPGSpec": "spec",
     "RingSpec": "spec",
@@ -63,6 +64,7 @@ __all__ = [  # _PUBLIC's names and the models subpackage
     "make_tables",
     "materialize",
     "models",
+    "remat_kernels",
     "spec_from_tables",
 ]
 
@@ -81,6 +83,7 @@ if TYPE_CHECKING:  # what static tools see; at run time __getattr__ imports on f
         materialize,
     )
     from rpg_jax.index_map import INDEX_MAP_VERSION, MODES
+    from rpg_jax.kernel_remat import remat_kernels
     from rpg_jax.spec import LeafSpec, RingSpec, RPGSpec, make_spec, spec_from_tables
 
 

@@ -112,6 +112,10 @@ def base_config() -> ml_collections.ConfigDict:
     # weight) | device: indices and signs computed inside the step from the spec, no tables
     # (bit-identical values, so checkpoints move freely between the two)
     c.rpg.tables = "host"
+    # low memory: each generated kernel is made where it is used and again in the backward
+    # pass, so kernels and their gradients never all live at once (rpg_jax.remat_kernels;
+    # needs rpg.tables=device and rpg.backward=scatter)
+    c.rpg.remat = False
     return c
 
 
@@ -125,7 +129,7 @@ RESUME_FIXED = (
 RESUME_FREE = (
     "data_dir", "worker_count", "eval_batch_size", "eval_steps", "num_epochs",
     "num_train_steps", "log_every_steps", "eval_every_steps", "checkpoint_every_steps",
-    "keep_checkpoints", "multihost", "rpg.backward", "rpg.tables", "resume_overrides",
+    "keep_checkpoints", "multihost", "rpg.backward", "rpg.tables", "rpg.remat", "resume_overrides",
     "tensorboard", "wandb.enabled", "wandb.project", "wandb.entity", "wandb.name", "wandb.tags",
     "profile_steps",
 )
@@ -414,6 +418,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
             _fail("rpg.backward", config.rpg.backward, f"one of {BACKWARDS}")
         if config.rpg.tables not in TABLES:
             _fail("rpg.tables", config.rpg.tables, f"one of {TABLES}")
+        if not isinstance(config.rpg.remat, bool):
+            _fail("rpg.remat", config.rpg.remat, "True or False")
+        if config.rpg.remat and (config.rpg.tables, config.rpg.backward) != ("device",
+                                                                             "scatter"):
+            _fail("rpg.remat", config.rpg.remat,
+                  "rpg.tables='device' and rpg.backward='scatter' with it (got "
+                  f"rpg.tables={config.rpg.tables!r}, rpg.backward={config.rpg.backward!r})")
         if not config.rpg.select:
             _fail("rpg.select", config.rpg.select, f"one of {SELECT_PRESETS} or a regex")
         if config.rpg.select not in SELECT_PRESETS:

@@ -169,24 +169,47 @@ def _check(layer_sizes: tuple[int, ...], ring_size: int, mode: str) -> int:
 
 
 def forward_slice(layer_sizes: tuple[int, ...], ring_size: int, *, seed: int, ring_name: str,
-                  mode: str = "rpg", layer: int | None = None) -> jax.Array:
+                  mode: str = "rpg", layer: int | None = None,
+                  shift: jax.Array | None = None) -> jax.Array:
     """The encoded forward table (``int32``) of one ring, or of its layer ``layer`` only,
-    computed with ``jax.numpy``; equal to the matching slice of ``ring_tables(...)[0]``."""
+    computed with ``jax.numpy``; equal to the matching slice of ``ring_tables(...)[0]``.
+
+    ``shift``: a ``uint32`` scalar that is zero at run time (``zero_of(x)``), added to the
+    positions. The table depends on nothing but constants, so without it XLA computes each
+    copy of it as early as it likes and merges identical copies (XLA:CPU drops
+    optimization barriers), which keeps it alive from the forward to the backward pass: a
+    stored table after all. With it the computation waits for ``x``.
+    """
     total = _check(layer_sizes, ring_size, mode)
     key = ring_key(seed, ring_name)
     starts = np.cumsum((0,) + tuple(layer_sizes))
     layers = range(len(layer_sizes)) if layer is None else (layer,)
     lo, hi = int(starts[layers[0]]), int(starts[layers[-1] + 1])
     t = jax.lax.iota(jnp.uint32, hi - lo) + np.uint32(lo)
+    if shift is not None:
+        t = jnp.minimum(t + shift, np.uint32(hi - 1))  # in range whatever shift holds
     n = np.uint32(ring_size)
     if mode in ("rpg", "perm_only"):
         index = permute(t, total, _derive_key(key, 1)) % n
-    else:  # position inside its layer, mod N
+    elif layer is not None:  # position inside its layer, mod N
+        index = (t - np.uint32(lo)) % n
+    else:
         index = jnp.concatenate([jax.lax.iota(jnp.uint32, layer_sizes[i]) % n
                                  for i in layers])
     if mode in ("rpg", "sign_only"):
         index = index | sign_bits(t, _derive_key(key, 2))
     return _to_int32(index)
+
+
+def zero_of(tree) -> jax.Array:
+    """A ``uint32`` zero that XLA cannot prove is zero, computed from ``tree``'s first
+    floating-point element (``x * 0.0`` is not folded; NaN or inf give a nonzero value,
+    which ``forward_slice`` clamps into range). A plain 0 if ``tree`` has no float leaf."""
+    for leaf in jax.tree.leaves(tree):
+        if jnp.issubdtype(jnp.result_type(leaf), jnp.floating) and jnp.size(leaf):
+            x = jnp.ravel(leaf)[0].astype(jnp.float32) * np.float32(0.0)
+            return jax.lax.bitcast_convert_type(x, jnp.uint32) << np.uint32(1)
+    return jnp.zeros((), jnp.uint32)
 
 
 def inverse_rows(layer_sizes: tuple[int, ...], ring_size: int, *, seed: int, ring_name: str,

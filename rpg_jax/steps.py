@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from rpg_jax.generator import generate_params
+from rpg_jax.generator import DeviceTables, generate_params
+from rpg_jax.kernel_remat import remat_kernels
 from rpg_jax.mixing import Mixing, mix_batch
 from rpg_jax.spec import RPGSpec
 
@@ -107,6 +108,8 @@ def make_train_step(
                            else cross_entropy(logits, labels))
             return per_example.mean(), (logits, updates.get("batch_stats", {}))
 
+        if isinstance(tables, DeviceTables) and tables.remat:
+            loss_fn = remat_kernels(loss_fn)
         (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.trainable)
         updates, opt_state = tx.update(grads, state.opt_state, state.trainable)

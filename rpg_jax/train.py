@@ -194,7 +194,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         logging.info("Resumed from the checkpoint at step %d (%d training examples seen)",
                      resumed.step, resumed.examples)
     tables = (make_tables(exp.spec, replicated, inverse=config.rpg.backward == "gather",
-                          where=config.rpg.tables)
+                          where=config.rpg.tables, remat=config.rpg.remat)
               if exp.spec is not None else {})
 
     train_step = jax.jit(experiment.make_train_step(exp), donate_argnums=0,

@@ -178,7 +178,7 @@ def sharded_and_single_steps(rpg: bool, where: str = "host"):
         exp = experiment.build(config, info)
         assert (exp.spec is not None) == rpg
         state = to_float64(experiment.initial_state(exp))
-        tables = make_tables(exp.spec, where=where) if rpg else {}
+        tables = make_tables(exp.spec, **TABLE_OPTIONS[where]) if rpg else {}
         rng = np.random.default_rng(0)
         it = ({"image": rng.integers(0, 256, (config.batch_size, *info.image_shape),
                                      dtype=np.uint8),
@@ -215,8 +215,11 @@ def sharded_and_single_steps(rpg: bool, where: str = "host"):
 
 
 # RPG with host tables, RPG with indices computed in the step (config rpg.tables), plain.
-STEP_KINDS = [(True, "host"), (True, "device"), (False, "host")]
-STEP_IDS = ["rpg", "rpg_device_tables", "plain"]
+# "device_remat": config rpg.remat, each kernel generated at its use (rpg_jax.kernel_remat).
+STEP_KINDS = [(True, "host"), (True, "device"), (True, "device_remat"), (False, "host")]
+STEP_IDS = ["rpg", "rpg_device_tables", "rpg_remat", "plain"]
+TABLE_OPTIONS = {"host": {}, "device": {"where": "device"},
+                 "device_remat": {"where": "device", "inverse": False, "remat": True}}
 
 
 def assert_close_to_scale(a, b, tol: float) -> None:
@@ -468,6 +471,21 @@ def test_device_tables_run_equals_the_host_tables_run_and_resumes_across(referen
     assert final["step"] == 8 and final["eval_loss"] == ref_summary["eval_loss"]
     assert_trees_equal(saved_state(workdir), saved_state(ref_dir))
     assert records(workdir) == records(ref_dir)
+
+
+def test_remat_run_matches_the_device_scatter_run(tmp_path):
+    """config rpg.remat reaches the train step (kernels generated at their uses, the ring
+    gradient summed in another order) and trains the same run as device tables with the
+    scatter backward, to float32 rounding."""
+    scatter = {"rpg.tables": "device", "rpg.backward": "scatter"}
+    with mock.patch.object(train_lib, "make_tables", wraps=train_lib.make_tables) as tables:
+        remat = train_and_evaluate(tiny_config(**scatter, **{"rpg.remat": True}),
+                                   str(tmp_path / "remat"))
+    assert [call.kwargs["remat"] for call in tables.call_args_list] == [True]
+    plain_scatter = train_and_evaluate(tiny_config(**scatter), str(tmp_path / "scatter"))
+    assert remat["eval_loss"] == pytest.approx(plain_scatter["eval_loss"], rel=1e-4)
+    assert_close_to_scale(saved_state(tmp_path / "remat").trainable,
+                          saved_state(tmp_path / "scatter").trainable, 1e-4)
 
 
 # ------------------------------------------------------------------- subprocesses
@@ -729,6 +747,9 @@ def test_library_chatter_is_filtered_but_warnings_and_our_logs_are_kept():
     ({"rpg.mode": "bogus"}, r"config\.rpg\.mode='bogus'"),
     ({"rpg.backward": "inverse"}, r"config\.rpg\.backward='inverse'"),
     ({"rpg.tables": "gpu"}, r"config\.rpg\.tables='gpu'.*'host', 'device'"),
+    ({"rpg.remat": True}, r"config\.rpg\.remat=True: expected rpg\.tables='device' and "
+                          r"rpg\.backward='scatter' with it \(got rpg\.tables='host', "
+                          r"rpg\.backward='gather'\)"),
     ({"rpg.groups": "bogus"}, r"config\.rpg\.groups='bogus'"),
     ({"lr_schedule": "bogus"}, r"config\.lr_schedule='bogus'"),
 ], ids=lambda x: "-".join(f"{k}={v}" for k, v in x.items()) if isinstance(x, dict) else None)
