@@ -31,7 +31,6 @@ import functools
 import importlib.util
 import itertools
 import json
-import math
 import os
 import re
 import signal
@@ -41,7 +40,6 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
-import jax
 import ml_collections
 import numpy as np
 from absl import app, logging
@@ -49,7 +47,6 @@ from tqdm import tqdm
 
 from rpg_jax import cli, data, experiment, train
 from rpg_jax import config as config_lib
-from rpg_jax.generator import count
 from rpg_jax.metrics import read_metrics
 
 EXIT_STOPPED = 75  # sysexits' EX_TEMPFAIL: stopped early, rerun the same command to resume
@@ -456,11 +453,7 @@ def _build(config: ml_collections.ConfigDict) -> experiment.Experiment:
 
 
 def _counts(exp: experiment.Experiment) -> dict[str, int]:
-    if exp.spec is None:
-        shapes = experiment.param_shapes(exp.model, exp.info)["params"]
-        n = int(sum(math.prod(s.shape) for s in jax.tree.leaves(shapes)))
-        return {"ring_dof": 0, "free": n, "trainable": n, "generated": 0}
-    c = count(exp.spec)
+    c = exp.param_count()
     return {"ring_dof": c.ring_dof, "free": c.free, "trainable": c.trainable,
             "generated": c.generated}
 
@@ -481,16 +474,16 @@ def plan(run: Run, images_per_sec: Mapping[tuple[str, float], float]) -> dict[st
         exp = _build(config)
     except ValueError as e:
         raise ValueError(f"run {run.name!r}: {e}") from e
-    every = exp.steps_per_epoch if config.eval_every_steps == -1 else config.eval_every_steps
-    evals = (exp.num_steps // every if every else 0) + int(not every or exp.num_steps % every)
     eval_batch = config.eval_batch_size or config.batch_size
     eval_examples = (exp.info.num_eval if config.eval_steps < 0
                      else min(exp.info.num_eval, config.eval_steps * eval_batch))
     speed = images_per_sec.get((config.model, float(config.width)))
     seconds = None
     if speed:
-        seconds = (exp.num_steps * config.batch_size + evals * eval_examples / EVAL_SPEEDUP) / speed
-    return {**_counts(exp), "num_steps": exp.num_steps, "evals": evals, "seconds": seconds}
+        seconds = ((exp.num_steps * config.batch_size
+                    + exp.num_evals * eval_examples / EVAL_SPEEDUP) / speed)
+    return {**_counts(exp), "num_steps": exp.num_steps, "evals": exp.num_evals,
+            "seconds": seconds}
 
 
 # ----------------------------------------------------------------------- running

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from rpg_jax import checkpoints, data, experiment, optim, profiling, sharding, steps
 from rpg_jax import config as config_lib
 from rpg_jax import workdir as workdir_lib
-from rpg_jax.generator import count, make_tables
+from rpg_jax.generator import make_tables
 from rpg_jax.metrics import MetricWriter, read_metrics
 from rpg_jax.progress import Progress, hms
 from rpg_jax.sinks import MetricSinks
@@ -71,11 +71,6 @@ def quiet_library_logs(record: std_logging.LogRecord) -> bool:
     training log (train.py and the study runner add it to absl's handler)."""
     noisy = "/orbax/" in record.pathname or "/grain/" in record.pathname
     return record.levelno >= std_logging.WARNING or not noisy
-
-
-def _interval(value: int, steps_per_epoch: int) -> int:
-    """-1 -> once per epoch, 0 -> never (only at the end), n -> every n steps."""
-    return steps_per_epoch if value == -1 else value
 
 
 def _check_devices(config: ml_collections.ConfigDict) -> None:
@@ -237,14 +232,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json(indent=1))
-    counts = count(exp.spec) if exp.spec is not None else None
+    counts = exp.param_count()
     logging.info("Model %s on %s: %s", config.model, config.dataset,
-                 counts if counts else "plain (no RPG)")
+                 counts if exp.spec is not None else "plain (no RPG)")
 
     num_steps = exp.num_steps
     log_every = config.log_every_steps
-    eval_every = _interval(config.eval_every_steps, exp.steps_per_epoch)
-    ckpt_every = _interval(config.checkpoint_every_steps, exp.steps_per_epoch)
+    eval_every, ckpt_every = exp.eval_every, exp.checkpoint_every
     bar = tqdm(total=num_steps, initial=step, unit="step", dynamic_ncols=True,
                disable=not (jax.process_index() == 0 and sys.stderr.isatty()))
     first_step, train_seconds = step, 0.0
@@ -335,12 +329,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         "images_per_sec": ((step - first_step) * config.batch_size / train_seconds
                            if train_seconds else None),
         **last_eval,
-        "params": {
-            "ring_dof": counts.ring_dof if counts else 0,
-            "trainable": counts.trainable if counts else _size(state.trainable),
-            "generated": counts.generated if counts else 0,
-            "plain_model": counts.plain if counts else _size(state.trainable),
-        },
+        "params": {"ring_dof": counts.ring_dof, "trainable": counts.trainable,
+                   "generated": counts.generated, "plain_model": counts.plain},
     }
     if jax.process_index() == 0:  # write-then-rename: a kill never leaves half a summary
         with open(summary_path + ".tmp", "w") as f:
@@ -368,6 +358,3 @@ def _recorded_eval(workdir: str, step: int) -> dict[str, Any]:
         return {}
     return {k: v for k, v in records[-1].items() if k.startswith("eval_")}
 
-
-def _size(tree: Any) -> int:
-    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))

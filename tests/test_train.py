@@ -34,7 +34,7 @@ import pytest
 from rpg_jax import checkpoints, data, experiment, sharding, steps
 from rpg_jax import config as config_lib
 from rpg_jax import train as train_lib
-from rpg_jax.generator import make_tables
+from rpg_jax.generator import ParamCount, count, make_tables
 from rpg_jax.metrics import read_metrics
 from rpg_jax.train import train_and_evaluate
 from step_hooks import bar_acting_at_step
@@ -391,6 +391,24 @@ def test_stop_at_k_then_extend_to_n_equals_uninterrupted_run(rpg, tmp_path):
     assert_trees_equal(saved_state(a), saved_state(b))  # step and momentum too
     assert records(a) == records(b)
     assert_no_duplicate_records(b)
+
+
+def test_the_experiment_owns_the_schedule_and_the_parameter_counts(reference):
+    ref_dir, ref_summary = reference
+    info = data.dataset_info("synthetic_cifar", synthetic_size=256)  # 16 steps per epoch
+    exp = experiment.build(tiny_config(), info)
+    assert (exp.eval_every, exp.checkpoint_every, exp.num_evals) == (4, 4, 2)
+    assert exp.num_evals == sum(kind(r) == "eval" for r in read_metrics(str(ref_dir)))
+    c = exp.param_count()
+    assert c == count(exp.spec)
+    assert ref_summary["params"] == {"ring_dof": c.ring_dof, "trainable": c.trainable,
+                                     "generated": c.generated, "plain_model": c.plain}
+    per_epoch = experiment.build(tiny_config(num_train_steps=32, eval_every_steps=-1,
+                                             checkpoint_every_steps=0), info)
+    assert (per_epoch.eval_every, per_epoch.checkpoint_every) == (16, 0)
+    plain = experiment.build(tiny_config(**{"rpg.enabled": False}), info)
+    n = sum(x.size for x in jax.tree.leaves(experiment.initial_state(plain).trainable))
+    assert plain.param_count() == ParamCount(ring_dof=0, free=n, generated=0)
 
 
 def test_rerunning_a_finished_run_changes_nothing(reference, tmp_path):
