@@ -58,8 +58,8 @@ class Experiment:
     @property
     def num_evals(self) -> int:
         """Evaluations of an uninterrupted run: every ``eval_every`` steps and the final one."""
-        every, n = self.eval_every, self.num_steps
-        return (n // every if every else 0) + int(not every or n % every)
+        every = self.eval_every
+        return -(-self.num_steps // every) if every else 1  # ceil(num_steps / every)
 
     def param_count(self) -> ParamCount:
         """The model's parameter counts (shapes only, no init). A plain model (RPG disabled)

@@ -403,9 +403,11 @@ def test_the_experiment_owns_the_schedule_and_the_parameter_counts(reference):
     assert c == count(exp.spec)
     assert ref_summary["params"] == {"ring_dof": c.ring_dof, "trainable": c.trainable,
                                      "generated": c.generated, "plain_model": c.plain}
-    per_epoch = experiment.build(tiny_config(num_train_steps=32, eval_every_steps=-1,
+    per_epoch = experiment.build(tiny_config(num_train_steps=40, eval_every_steps=-1,
                                              checkpoint_every_steps=0), info)
     assert (per_epoch.eval_every, per_epoch.checkpoint_every) == (16, 0)
+    assert per_epoch.num_evals == 3  # steps 16, 32 and the last, 40
+    assert experiment.build(tiny_config(eval_every_steps=0), info).num_evals == 1
     plain = experiment.build(tiny_config(**{"rpg.enabled": False}), info)
     n = sum(x.size for x in jax.tree.leaves(experiment.initial_state(plain).trainable))
     assert plain.param_count() == ParamCount(ring_dof=0, free=n, generated=0)
