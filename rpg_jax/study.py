@@ -25,7 +25,6 @@ if __name__ == "__main__":  # python -m rpg_jax.study
 
     cli.check_study_args(sys.argv)  # --help and flag errors answer before JAX is imported
 
-import contextlib
 import dataclasses
 import functools
 import importlib.util
@@ -33,10 +32,8 @@ import itertools
 import json
 import os
 import re
-import signal
 import textwrap
-import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -45,7 +42,7 @@ import numpy as np
 from absl import app, logging
 from tqdm import tqdm
 
-from rpg_jax import cli, data, experiment, train
+from rpg_jax import cli, data, experiment, preemption, train
 from rpg_jax import config as config_lib
 from rpg_jax.metrics import read_metrics
 
@@ -535,31 +532,6 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-@contextlib.contextmanager
-def _stop_on_signals() -> Iterator[threading.Event]:
-    """Yields an event set by SIGTERM, which train_and_evaluate also watches: a SIGTERM at any
-    point of a run (set-up included) saves it after its current step and stops the study.
-    Ctrl-C acts as SIGTERM; a second Ctrl-C interrupts at once. Outside the main thread,
-    signals are left alone."""
-    stop = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield stop
-        return
-
-    def on_sigint(signum, frame):
-        signal.signal(signal.SIGINT, previous_int)
-        tqdm.write("Ctrl-C: stopping after the current step (Ctrl-C again to abort now)")
-        signal.raise_signal(signal.SIGTERM)
-
-    previous_term = signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
-    previous_int = signal.signal(signal.SIGINT, on_sigint)
-    try:
-        yield stop
-    finally:
-        signal.signal(signal.SIGTERM, previous_term)
-        signal.signal(signal.SIGINT, previous_int)
-
-
 def select_runs(study: Study, only: str | None) -> list[Run]:
     """The study's runs whose names match the regex ``only`` (``re.search``); all if None."""
     if only is None:
@@ -589,7 +561,8 @@ def run_study(study: Study, workdir: str, only: str | None = None) -> bool:
     bar = tqdm(total=len(runs), initial=len(runs) - len(todo), unit="run", dynamic_ncols=True,
                disable=not sys.stderr.isatty())
     try:
-        with _stop_on_signals() as stop:
+        # Each run watches ``stop`` from its set-up on: it saves after its current step.
+        with preemption.stop_on_sigterm(ctrl_c=True) as stop:
             for i, run in enumerate(todo, start=len(runs) - len(todo) + 1):
                 if stop.is_set():
                     return False

@@ -26,7 +26,7 @@ from rpg_jax import experiment, study
 from rpg_jax import train as train_lib
 from rpg_jax.metrics import read_metrics
 from rpg_jax.study import Comparison, Curves, Run, Scaling, Study, fit_log_linear
-from step_hooks import bar_acting_at_step
+from step_hooks import at_step
 from tiny_config import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,18 +74,20 @@ def cli(*args: str) -> int:
 
 
 class Spy:
-    """Wraps train_and_evaluate, recording the run directories it was called with."""
+    """Wraps train_and_evaluate, recording the run directories it was called with and
+    passing each run the ``on_step`` callback given to ``patch``."""
 
     def __init__(self):
         self.calls: list[str] = []
+        self.on_step = None
         self.real = train_lib.train_and_evaluate
 
     def __call__(self, config, workdir, stop=None):
         self.calls.append(Path(workdir).name)
-        return self.real(config, workdir, stop=stop)
+        return self.real(config, workdir, stop=stop, on_step=self.on_step)
 
-    def patch(self):
-        self.calls = []
+    def patch(self, on_step=None):
+        self.calls, self.on_step = [], on_step
         return mock.patch.object(train_lib, "train_and_evaluate", self)
 
 
@@ -112,8 +114,7 @@ def tiny(tmp_path_factory):
     # 1. Ctrl-C during step 5 of the first run: it checkpoints, the study stops.
     seen["handlers_before"] = (signal.getsignal(signal.SIGINT),
                                signal.getsignal(signal.SIGTERM))
-    with spy.patch(), mock.patch.object(train_lib, "tqdm",
-                                        bar_acting_at_step(train_lib.tqdm, 5, send_ctrl_c)):
+    with spy.patch(on_step=at_step(5, send_ctrl_c)):
         seen["stopped_exit"] = cli(*args)
     seen["stopped_calls"] = spy.calls
     seen["stopped_summary"] = summary_of(workdir, "rpg_s0")
