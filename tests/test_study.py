@@ -22,10 +22,11 @@ import jax
 import numpy as np
 import pytest
 
+import rpg_jax.study.__main__ as study_main
 from rpg_jax import experiment, study
 from rpg_jax import train as train_lib
 from rpg_jax.metrics import read_metrics
-from rpg_jax.study import Comparison, Curves, Run, Scaling, Study, fit_log_linear
+from rpg_jax.study import Comparison, Curves, Run, Scaling, Study, fit_log_linear, report, runner
 from step_hooks import at_step
 from tiny_config import tiny_config
 
@@ -70,7 +71,7 @@ def write_study(root: Path, text: str, name: str = "tiny") -> Path:
 
 
 def cli(*args: str) -> int:
-    return study.main(study.parse_args(["rpg_jax.study", *args]))
+    return study_main.main(study_main.parse_args(["rpg_jax.study", *args]))
 
 
 class Spy:
@@ -146,7 +147,7 @@ def tiny(tmp_path_factory):
 
 
 def test_ctrl_c_stops_the_study_after_saving_and_starts_no_other_run(tiny):
-    assert tiny["stopped_exit"] == study.EXIT_STOPPED
+    assert tiny["stopped_exit"] == study_main.EXIT_STOPPED
     assert tiny["stopped_calls"] == ["rpg_s0"]
     assert tiny["stopped_dirs"] == ["rpg_s0"]  # the next run never started
     assert tiny["stopped_summary"]["preempted"] is True
@@ -494,7 +495,7 @@ def plain_trainable(width: float) -> int:
 
     config = fashion_mnist.get_config("plain")
     config.width = width
-    exp = study._build(config)
+    exp = runner._build(config)
     shapes = experiment.param_shapes(exp.model, exp.info)["params"]
     return int(sum(math.prod(s.shape) for s in jax.tree.leaves(shapes)))
 
@@ -537,7 +538,7 @@ def test_fashion_mnist_study_experiments_select_two_seeds_per_arm(fmnist):
     assert kinds.count("scaling") == 1 and kinds.count("curves") == 1
     for exp in fmnist.experiments:
         for label, where in exp.filters().items():
-            members = [r for r in fmnist.runs if study._matches(r, where)]
+            members = [r for r in fmnist.runs if report.matches(r, where)]
             if exp.kind == "scaling" and label == "fit":
                 assert len(members) == 8  # 6 rings, two of them with two seeds
             else:
