@@ -184,8 +184,11 @@ class Scaling:
         return fig
 
 
-def _arm_runs(runs: Sequence[Run], arms: Mapping[str, Where]) -> dict[str, list[Run]]:
-    return {label: [r for r in runs if matches(r, where)] for label, where in arms.items()}
+def _finished_by_arm(runs: Sequence[Run], arms: Mapping[str, Where],
+                     results: Mapping[str, dict]) -> dict[str, list[dict]]:
+    """Per arm label, the results of its finished runs (in the study's order)."""
+    return {label: [results[r.name] for r in runs if matches(r, where) and r.name in results]
+            for label, where in arms.items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,8 +208,7 @@ class Comparison:
 
     def summarize(self, runs: Sequence[Run], results: Mapping[str, dict]) -> dict[str, Any]:
         arms = []
-        for label, members in _arm_runs(runs, self.arms).items():
-            done = [results[r.name] for r in members if r.name in results]
+        for label, done in _finished_by_arm(runs, self.arms, results).items():
             arms.append({"label": label, "runs": [r["name"] for r in done],
                          "top1": [r["eval_top1"] for r in done],
                          "top1_pct": _stats([100 * r["eval_top1"] for r in done]),
@@ -278,8 +280,7 @@ class Curves:
 
     def summarize(self, runs: Sequence[Run], results: Mapping[str, dict]) -> dict[str, Any]:
         arms = []
-        for label, members in _arm_runs(runs, self.arms).items():
-            done = [results[r.name] for r in members if r.name in results]
+        for label, done in _finished_by_arm(runs, self.arms, results).items():
             arms.append({"label": label, "runs": [r["name"] for r in done],
                          "top1_pct": _curve_stats([r["eval_curve"] for r in done], 100.0),
                          "train_loss": _curve_stats([r["train_curve"] for r in done], 1.0)})
