@@ -81,7 +81,8 @@ def parse_compress_args(argv: Sequence[str] | None = None
 
 def study_parser() -> argparse_flags.ArgumentParser:
     """The parser of ``python -m rpg_jax.study`` (absl flags such as ``--verbosity`` too)."""
-    parser = argparse_flags.ArgumentParser(description=STUDY_DESCRIPTION)
+    parser = argparse_flags.ArgumentParser(prog="python -m rpg_jax.study",
+                                           description=STUDY_DESCRIPTION)
     parser.add_argument("--study", required=True, help="study file defining get_study()")
     parser.add_argument("--workdir", required=True, help="runs train into WORKDIR/<run name>")
     parser.add_argument("--out", default=None, help="report directory (default: WORKDIR)")

@@ -19,7 +19,7 @@ import optax
 from rpg_jax import config as config_lib
 from rpg_jax import mixing, models, optim, steps
 from rpg_jax.data import DatasetInfo
-from rpg_jax.generator import init_bank
+from rpg_jax.generator import ParamCount, count, init_bank
 from rpg_jax.spec import RPGSpec, make_spec
 
 
@@ -39,6 +39,36 @@ class Experiment:
     @property
     def compute_dtype(self) -> Any:
         return jnp.bfloat16 if self.config.half_precision else jnp.float32
+
+    def _interval(self, value: int) -> int:
+        """-1 -> once per epoch, 0 -> never (only at the end), n -> every n steps."""
+        return self.steps_per_epoch if value == -1 else value
+
+    @property
+    def eval_every(self) -> int:
+        """Steps between evaluations (0: only the final one); the run also evaluates at its
+        last step."""
+        return self._interval(self.config.eval_every_steps)
+
+    @property
+    def checkpoint_every(self) -> int:
+        """Steps between checkpoints (0: only the final one)."""
+        return self._interval(self.config.checkpoint_every_steps)
+
+    @property
+    def num_evals(self) -> int:
+        """Evaluations of an uninterrupted run: every ``eval_every`` steps and the final one."""
+        every = self.eval_every
+        return -(-self.num_steps // every) if every else 1  # ceil(num_steps / every)
+
+    def param_count(self) -> ParamCount:
+        """The model's parameter counts (shapes only, no init). A plain model (RPG disabled)
+        has all its parameters free: no ring, nothing generated."""
+        if self.spec is not None:
+            return count(self.spec)
+        shapes = param_shapes(self.model, self.info)["params"]
+        free = sum(math.prod(s.shape) for s in jax.tree.leaves(shapes))
+        return ParamCount(ring_dof=0, free=int(free), generated=0)
 
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:

@@ -1,4 +1,6 @@
-"""Elapsed time and ETA for the training log lines of cluster jobs (stderr not a terminal).
+"""The training loop's clocks: training time per log window (``TrainClock``, for images/s),
+and elapsed time and ETA for the log lines of cluster jobs (``Progress``, stderr not a
+terminal).
 
 The ETA is the remaining steps over the recent rate: steps per second of wall time (eval and
 checkpoint pauses included) over the last ``window`` log points.
@@ -7,9 +9,10 @@ checkpoint pauses included) over the last ``window`` log points.
 from __future__ import annotations
 
 import collections
+import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 
 def hms(seconds: float) -> str:
@@ -47,3 +50,31 @@ class Progress:
         else:
             eta = math.inf
         return now - self.start_time, eta
+
+
+class TrainClock:
+    """Training seconds, one log window at a time: a window's wall time minus its pauses
+    (evaluation, checkpoints). The time between ``stop`` and the next ``start`` (logging)
+    counts in no window. ``steps`` is the caller's count of the window's train steps."""
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter):
+        self._clock = clock
+        self.total = 0.0  # the stopped windows' training seconds
+        self.start()
+
+    def start(self) -> None:
+        """Opens a window: no steps, nothing paused."""
+        self.steps, self._start, self._paused = 0, self._clock(), 0.0
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """The block's time is not training time."""
+        start = self._clock()
+        yield
+        self._paused += self._clock() - start
+
+    def stop(self) -> float:
+        """Ends the window; returns its training seconds (also added to ``total``)."""
+        seconds = self._clock() - self._start - self._paused
+        self.total += seconds
+        return seconds

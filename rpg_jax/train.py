@@ -12,10 +12,10 @@ import contextlib
 import json
 import logging as std_logging
 import os
-import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -24,46 +24,19 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from rpg_jax import checkpoints, data, experiment, optim, profiling, sharding, steps
+from rpg_jax import checkpoints, data, experiment, optim, preemption, profiling, sharding, steps
 from rpg_jax import config as config_lib
 from rpg_jax import workdir as workdir_lib
-from rpg_jax.generator import count, make_tables
+from rpg_jax.generator import make_tables
 from rpg_jax.metrics import MetricWriter, read_metrics
-from rpg_jax.progress import Progress, hms
+from rpg_jax.progress import Progress, TrainClock, hms
 from rpg_jax.sinks import MetricSinks
 from rpg_jax.steps import evaluate  # the loop calls train.evaluate (tests patch it)
 
 SUMMARY_FILE = "summary.json"
 
-
-class _PreemptionFlag:
-    """Turns SIGTERM into a flag the loop checks after each step (single-process runs).
-
-    ``stop``, when given, is the flag itself: whoever else sets it (a caller's own SIGTERM
-    handler, another thread) stops the loop the same way.
-    """
-
-    def __init__(self, stop: threading.Event | None = None):
-        self._stop = stop if stop is not None else threading.Event()
-        self._previous = None
-
-    @property
-    def raised(self) -> bool:
-        return self._stop.is_set()
-
-    def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread: leave signals alone
-            self._previous = None
-        return self
-
-    def _handle(self, signum, frame):
-        self._stop.set()
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+# on_step(step, state, metrics) -> a true value to stop the run after this step
+StepCallback = Callable[[int, steps.TrainState, dict[str, jax.Array]], Any]
 
 
 def quiet_library_logs(record: std_logging.LogRecord) -> bool:
@@ -71,11 +44,6 @@ def quiet_library_logs(record: std_logging.LogRecord) -> bool:
     training log (train.py and the study runner add it to absl's handler)."""
     noisy = "/orbax/" in record.pathname or "/grain/" in record.pathname
     return record.levelno >= std_logging.WARNING or not noisy
-
-
-def _interval(value: int, steps_per_epoch: int) -> int:
-    """-1 -> once per epoch, 0 -> never (only at the end), n -> every n steps."""
-    return steps_per_epoch if value == -1 else value
 
 
 def _check_devices(config: ml_collections.ConfigDict) -> None:
@@ -94,12 +62,18 @@ def _log_eval(step: int, metrics: dict[str, float]) -> None:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       stop: threading.Event | None = None) -> dict[str, Any]:
+                       stop: threading.Event | None = None,
+                       on_step: StepCallback | None = None) -> dict[str, Any]:
     """Trains and evaluates the model described by ``config``; resumes from ``workdir``.
 
     Returns the summary (also written to ``WORKDIR/summary.json``). A SIGTERM at any time,
     or ``stop`` being set (checked after every step, also if set before the call), saves a
     checkpoint after the current step and returns (``summary["preempted"]``).
+
+    ``on_step(step, state, metrics)``, if given, is called after every train step, before
+    the step is logged, with the step reached, the new state (donated to the next step:
+    keep no reference) and the step's metrics (device scalars). A true return value sets
+    the stop flag (``stop``, if given), so the run stops after this step as for a SIGTERM.
 
     The run holds an exclusive lock on ``workdir`` (``rpg_jax.workdir``): a second run on
     it raises ``WorkdirBusyError``. A damaged newest checkpoint is moved to
@@ -108,9 +82,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     saved, so the finite checkpoints stay.
     """
     config_lib.validate(config)
-    with _workdir_lock(workdir), _PreemptionFlag(stop) as flag, \
+    with _workdir_lock(workdir), preemption.stop_on_sigterm(stop) as stop, \
             contextlib.ExitStack() as cleanup:  # metric sinks, profiler: closed on any exit
-        return _train_and_evaluate(config, workdir, flag, cleanup)
+        return _train_and_evaluate(config, workdir, stop, on_step, cleanup)
 
 
 @contextlib.contextmanager
@@ -138,8 +112,10 @@ def _workdir_lock(workdir: str):
         yield
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                        flag: _PreemptionFlag, cleanup: contextlib.ExitStack) -> dict[str, Any]:
+# One loop, read top to bottom as flax's examples' train loop (issue 17: not worth splitting).
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,  # noqa: C901
+                        stop: threading.Event, on_step: StepCallback | None,
+                        cleanup: contextlib.ExitStack) -> dict[str, Any]:
     run_start = time.perf_counter()
     _check_devices(config)
     info = data.dataset_info(config.dataset, config.data_dir or None,
@@ -237,18 +213,16 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json(indent=1))
-    counts = count(exp.spec) if exp.spec is not None else None
+    counts = exp.param_count()
     logging.info("Model %s on %s: %s", config.model, config.dataset,
-                 counts if counts else "plain (no RPG)")
+                 counts if exp.spec is not None else "plain (no RPG)")
 
     num_steps = exp.num_steps
     log_every = config.log_every_steps
-    eval_every = _interval(config.eval_every_steps, exp.steps_per_epoch)
-    ckpt_every = _interval(config.checkpoint_every_steps, exp.steps_per_epoch)
+    eval_every, ckpt_every = exp.eval_every, exp.checkpoint_every
     bar = tqdm(total=num_steps, initial=step, unit="step", dynamic_ncols=True,
                disable=not (jax.process_index() == 0 and sys.stderr.isatty()))
-    first_step, train_seconds = step, 0.0
-    window_start, window_steps, paused = time.perf_counter(), 0, 0.0
+    first_step, clock = step, TrainClock()  # the training time of each log window
     last_eval = _recorded_eval(workdir, step)  # a resumed run may have evaluated this step
     progress = Progress(step, num_steps, start_time=run_start)  # the log lines' elapsed, ETA
     profiler = profiling.StepProfiler(config_lib.profile_window(config), workdir, num_steps)
@@ -272,15 +246,15 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             state, metrics = train_step(state, to_global(next(train_iter)), tables)
         step += 1
         profiler.after_step(step, state)
-        window_steps += 1
+        clock.steps += 1
         pending.append(metrics)
         bar.update(1)
+        if on_step is not None and on_step(step, state, metrics):
+            stop.set()
         if step % log_every == 0 or step == num_steps:
             host = jax.device_get(pending)  # float64 means, as for metrics restored from JSON
             means = {k: float(np.mean([float(m[k]) for m in host])) for k in host[0]}
-            elapsed = time.perf_counter() - window_start - paused
-            train_seconds += elapsed
-            rate = window_steps * config.batch_size / elapsed
+            rate = clock.steps * config.batch_size / clock.stop()
             record(step, epoch=step / exp.steps_per_epoch, train_loss=means["loss"],
                    train_accuracy=means["accuracy"], learning_rate=means["learning_rate"],
                    images_per_sec=rate)
@@ -291,23 +265,22 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                              "ETA %s", step, num_steps, means["loss"], means["accuracy"],
                              means["learning_rate"], rate, hms(wall), hms(eta))
             pending = []
-            window_start, window_steps, paused = time.perf_counter(), 0, 0.0
+            clock.start()
             bad, _ = checkpoints.state_health(state)
             if bad or not np.isfinite(means["loss"]):
                 raise _diverged(checkpoints.non_finite_message(step, bad, means["loss"]),
                                 manager)
-        if step == num_steps or flag.raised or (nproc > 1 and manager.reached_preemption(step)):
+        if step == num_steps or stop.is_set() or (nproc > 1 and manager.reached_preemption(step)):
             break
         evaluating = eval_every and step % eval_every == 0
         saving = ckpt_every and step % ckpt_every == 0
         if evaluating or saving:
             # The queued train steps finish first: their time is training, not the pause's.
             jax.block_until_ready(state)
-        pause_start = time.perf_counter()
-        last_eval = run_eval() if evaluating else {}
-        if saving:
-            save()
-        paused += time.perf_counter() - pause_start
+        with clock.paused():
+            last_eval = run_eval() if evaluating else {}
+            if saving:
+                save()
     preempted = step < num_steps
     bar.close()
     profiler.stop(state)  # the run ended inside the window
@@ -331,16 +304,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         "epochs": step / exp.steps_per_epoch,
         "preempted": preempted,
         "compile_seconds": compile_seconds,
-        "train_seconds": train_seconds,
-        "images_per_sec": ((step - first_step) * config.batch_size / train_seconds
-                           if train_seconds else None),
+        "train_seconds": clock.total,
+        "images_per_sec": ((step - first_step) * config.batch_size / clock.total
+                           if clock.total else None),
         **last_eval,
-        "params": {
-            "ring_dof": counts.ring_dof if counts else 0,
-            "trainable": counts.trainable if counts else _size(state.trainable),
-            "generated": counts.generated if counts else 0,
-            "plain_model": counts.plain if counts else _size(state.trainable),
-        },
+        "params": {"ring_dof": counts.ring_dof, "trainable": counts.trainable,
+                   "generated": counts.generated, "plain_model": counts.plain},
     }
     if jax.process_index() == 0:  # write-then-rename: a kill never leaves half a summary
         with open(summary_path + ".tmp", "w") as f:
@@ -368,6 +337,3 @@ def _recorded_eval(workdir: str, step: int) -> dict[str, Any]:
         return {}
     return {k: v for k, v in records[-1].items() if k.startswith("eval_")}
 
-
-def _size(tree: Any) -> int:
-    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))

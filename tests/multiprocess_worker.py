@@ -24,7 +24,7 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 
 
 def _pause(workdir: str, after_checkpoint: int | None, marker: str):
-    """An action for bar_acting_at_step: waits until checkpoint ``after_checkpoint`` is on
+    """An action for step_hooks.at_step: waits until checkpoint ``after_checkpoint`` is on
     disk, writes ``marker`` and sleeps until the parent kills this process."""
     ckpt = os.path.join(workdir, "checkpoints", str(after_checkpoint))
 
@@ -66,13 +66,14 @@ def main() -> None:
 
     from rpg_jax import train
 
+    on_step = None
     if args.pause_at_step is not None:
-        from step_hooks import bar_acting_at_step
+        from step_hooks import at_step
 
-        train.tqdm = bar_acting_at_step(train.tqdm, args.pause_at_step,
-                                        _pause(args.workdir, args.after_checkpoint, args.marker))
+        on_step = at_step(args.pause_at_step,
+                          _pause(args.workdir, args.after_checkpoint, args.marker))
     config = ml_collections.ConfigDict(json.loads(args.config_json))
-    summary = train.train_and_evaluate(config, args.workdir)
+    summary = train.train_and_evaluate(config, args.workdir, on_step=on_step)
     print("SUMMARY " + json.dumps(summary), flush=True)
 
 

@@ -328,13 +328,12 @@ ALL_KNOBS = {"grad_accum_steps": 2, "ema_decay": 0.9, "ema_eval": True, "label_s
 def test_every_knob_on_a_preempted_run_resumes_exactly(tmp_path):
     """A SIGTERM between two accumulated micro-batches (step 3 of k=2) resumes to the
     uninterrupted run: accumulator, EMA, mixing draws and schedule are all in the state."""
-    from test_train import saved_state, sigterm_after_step
+    from test_train import saved_state, sigterm_at
 
     config = tiny_config(**ALL_KNOBS)
     a, b = tmp_path / "a", tmp_path / "b"
     full = train_and_evaluate(config, str(a))
-    with sigterm_after_step(3):
-        assert train_and_evaluate(config, str(b))["preempted"]
+    assert train_and_evaluate(config, str(b), on_step=sigterm_at(3))["preempted"]
     resumed = train_and_evaluate(config, str(b))
     assert resumed["eval_loss"] == full["eval_loss"]
     assert resumed["eval_ema_loss"] == full["eval_ema_loss"] != full["eval_loss"]

@@ -20,7 +20,6 @@ import struct
 import subprocess
 import sys
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import pytest
@@ -28,10 +27,9 @@ import pytest
 from rpg_jax import config as config_lib
 from rpg_jax import progress as progress_lib
 from rpg_jax import sinks as sinks_lib
-from rpg_jax import train as train_lib
 from rpg_jax.metrics import read_metrics
 from rpg_jax.train import train_and_evaluate
-from step_hooks import bar_acting_at_step
+from step_hooks import at_step
 from tiny_config import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,12 +69,6 @@ class HardStop(Exception):
 
 def _hard_stop(step: int) -> None:
     raise HardStop(f"hard stop at step {step}")
-
-
-@contextlib.contextmanager
-def at_step(step: int, action):
-    with mock.patch.object(train_lib, "tqdm", bar_acting_at_step(train_lib.tqdm, step, action)):
-        yield
 
 
 def _sigterm(step: int) -> None:
@@ -125,14 +117,13 @@ def runs(tmp_path_factory):
                 info["summary"] = train_and_evaluate(sink_config(), str(workdir))
             info["log"] = lines
         elif name == "preempted":
-            with at_step(5, _sigterm):
-                first = train_and_evaluate(sink_config(), str(workdir))
+            first = train_and_evaluate(sink_config(), str(workdir), on_step=at_step(5, _sigterm))
             assert first["preempted"] and first["step"] == 5
             info["first_wandb_dirs"] = wandb_run_dirs(workdir)
             info["summary"] = train_and_evaluate(sink_config(), str(workdir))
         elif name == "hard_stop":
-            with at_step(7, _hard_stop), pytest.raises(HardStop):
-                train_and_evaluate(sink_config(), str(workdir))
+            with pytest.raises(HardStop):
+                train_and_evaluate(sink_config(), str(workdir), on_step=at_step(7, _hard_stop))
             info["steps_before_rerun"] = sorted({r["step"] for r in read_metrics(str(workdir))})
             info["tb_before_rerun"] = tb_scalars(workdir)
             info["traces_before_rerun"] = trace_files(workdir)
@@ -397,6 +388,21 @@ def test_eta_is_remaining_steps_over_the_recent_rate():
     assert progress.update(110)[1] == 0.0
     assert [progress_lib.hms(s) for s in (0, 59.6, 3725, 100 * 3600, float("inf"))] == [
         "0:00:00", "0:01:00", "1:02:05", "100:00:00", "?"]
+
+
+def test_train_clock_counts_each_window_without_its_pauses_or_the_logging():
+    now = [100.0]
+    clock = progress_lib.TrainClock(clock=lambda: now[0])
+    now[0] = 103.0
+    with clock.paused():  # an evaluation: 2 s
+        now[0] = 105.0
+    now[0], clock.steps = 106.0, 4
+    assert clock.stop() == 4.0 and clock.total == 4.0
+    now[0] = 110.0  # logging, between stop() and start(): in no window
+    clock.start()
+    assert clock.steps == 0
+    now[0] = 111.5
+    assert clock.stop() == 1.5 and clock.total == 5.5
 
 
 @pytest.mark.parametrize("overrides, pattern", [

@@ -22,11 +22,12 @@ import jax
 import numpy as np
 import pytest
 
+import rpg_jax.study.__main__ as study_main
 from rpg_jax import experiment, study
 from rpg_jax import train as train_lib
 from rpg_jax.metrics import read_metrics
-from rpg_jax.study import Comparison, Curves, Run, Scaling, Study, fit_log_linear
-from step_hooks import bar_acting_at_step
+from rpg_jax.study import Comparison, Curves, Run, Scaling, Study, fit_log_linear, report, runner
+from step_hooks import at_step
 from tiny_config import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,22 +71,24 @@ def write_study(root: Path, text: str, name: str = "tiny") -> Path:
 
 
 def cli(*args: str) -> int:
-    return study.main(study.parse_args(["rpg_jax.study", *args]))
+    return study_main.main(study_main.parse_args(["rpg_jax.study", *args]))
 
 
 class Spy:
-    """Wraps train_and_evaluate, recording the run directories it was called with."""
+    """Wraps train_and_evaluate, recording the run directories it was called with and
+    passing each run the ``on_step`` callback given to ``patch``."""
 
     def __init__(self):
         self.calls: list[str] = []
+        self.on_step = None
         self.real = train_lib.train_and_evaluate
 
     def __call__(self, config, workdir, stop=None):
         self.calls.append(Path(workdir).name)
-        return self.real(config, workdir, stop=stop)
+        return self.real(config, workdir, stop=stop, on_step=self.on_step)
 
-    def patch(self):
-        self.calls = []
+    def patch(self, on_step=None):
+        self.calls, self.on_step = [], on_step
         return mock.patch.object(train_lib, "train_and_evaluate", self)
 
 
@@ -112,8 +115,7 @@ def tiny(tmp_path_factory):
     # 1. Ctrl-C during step 5 of the first run: it checkpoints, the study stops.
     seen["handlers_before"] = (signal.getsignal(signal.SIGINT),
                                signal.getsignal(signal.SIGTERM))
-    with spy.patch(), mock.patch.object(train_lib, "tqdm",
-                                        bar_acting_at_step(train_lib.tqdm, 5, send_ctrl_c)):
+    with spy.patch(on_step=at_step(5, send_ctrl_c)):
         seen["stopped_exit"] = cli(*args)
     seen["stopped_calls"] = spy.calls
     seen["stopped_summary"] = summary_of(workdir, "rpg_s0")
@@ -145,7 +147,7 @@ def tiny(tmp_path_factory):
 
 
 def test_ctrl_c_stops_the_study_after_saving_and_starts_no_other_run(tiny):
-    assert tiny["stopped_exit"] == study.EXIT_STOPPED
+    assert tiny["stopped_exit"] == study_main.EXIT_STOPPED
     assert tiny["stopped_calls"] == ["rpg_s0"]
     assert tiny["stopped_dirs"] == ["rpg_s0"]  # the next run never started
     assert tiny["stopped_summary"]["preempted"] is True
@@ -493,7 +495,7 @@ def plain_trainable(width: float) -> int:
 
     config = fashion_mnist.get_config("plain")
     config.width = width
-    exp = study._build(config)
+    exp = runner._build(config)
     shapes = experiment.param_shapes(exp.model, exp.info)["params"]
     return int(sum(math.prod(s.shape) for s in jax.tree.leaves(shapes)))
 
@@ -536,7 +538,7 @@ def test_fashion_mnist_study_experiments_select_two_seeds_per_arm(fmnist):
     assert kinds.count("scaling") == 1 and kinds.count("curves") == 1
     for exp in fmnist.experiments:
         for label, where in exp.filters().items():
-            members = [r for r in fmnist.runs if study._matches(r, where)]
+            members = [r for r in fmnist.runs if report.matches(r, where)]
             if exp.kind == "scaling" and label == "fit":
                 assert len(members) == 8  # 6 rings, two of them with two seeds
             else:

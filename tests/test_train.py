@@ -20,6 +20,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from unittest import mock
@@ -31,13 +32,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from rpg_jax import checkpoints, data, experiment, sharding, steps
+from rpg_jax import checkpoints, data, experiment, preemption, sharding, steps
 from rpg_jax import config as config_lib
 from rpg_jax import train as train_lib
-from rpg_jax.generator import make_tables
+from rpg_jax.generator import ParamCount, count, make_tables
 from rpg_jax.metrics import read_metrics
 from rpg_jax.train import train_and_evaluate
-from step_hooks import bar_acting_at_step
+from step_hooks import at_step
 from tiny_config import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -141,11 +142,9 @@ def raise_sigterm(step: int) -> None:
     signal.raise_signal(signal.SIGTERM)
 
 
-@contextlib.contextmanager
-def sigterm_after_step(step: int):
-    with mock.patch.object(train_lib, "tqdm",
-                           bar_acting_at_step(train_lib.tqdm, step, raise_sigterm)):
-        yield
+def sigterm_at(step: int):
+    """An ``on_step`` callback raising SIGTERM in-process at train step ``step``."""
+    return at_step(step, raise_sigterm)
 
 
 # ------------------------------------------------------------------- sharded == single device
@@ -330,8 +329,7 @@ def test_cifar10_mock_tfds_run_checkpoints_and_resume(tmp_path):
 
 def _preempted_run(stop_at: int):
     def run(workdir):
-        with sigterm_after_step(stop_at):
-            first = train_and_evaluate(tiny_config(), workdir)
+        first = train_and_evaluate(tiny_config(), workdir, on_step=sigterm_at(stop_at))
         on_disk = json.loads(Path(workdir, "summary.json").read_text())
         steps_at_stop = checkpoint_steps(workdir)
         records_at_stop = read_metrics(workdir)
@@ -394,6 +392,62 @@ def test_stop_at_k_then_extend_to_n_equals_uninterrupted_run(rpg, tmp_path):
     assert_trees_equal(saved_state(a), saved_state(b))  # step and momentum too
     assert records(a) == records(b)
     assert_no_duplicate_records(b)
+
+
+def test_stop_on_sigterm_sets_the_flag_restores_the_handlers_and_skips_other_threads():
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    with preemption.stop_on_sigterm(ctrl_c=True) as stop:
+        assert signal.getsignal(signal.SIGINT) is not before[1]
+        signal.raise_signal(signal.SIGTERM)
+        assert stop.is_set()
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+    given, seen = threading.Event(), []
+
+    def in_a_thread():
+        with preemption.stop_on_sigterm(given, ctrl_c=True) as stop:
+            seen.append((stop is given, signal.getsignal(signal.SIGTERM)))
+
+    thread = threading.Thread(target=in_a_thread)
+    thread.start()
+    thread.join()
+    assert seen == [(True, before[0])]
+
+
+def test_a_step_callback_returning_true_stops_the_run_as_sigterm_does(reference, tmp_path):
+    ref_dir, _ = reference
+    calls, stop, handler = [], threading.Event(), signal.getsignal(signal.SIGTERM)
+
+    def on_step(step, state, metrics):
+        calls.append((step, int(state.step), sorted(metrics)))
+        return step == 3
+
+    summary = train_and_evaluate(tiny_config(), str(tmp_path), stop=stop, on_step=on_step)
+    assert summary["preempted"] and summary["step"] == 3
+    assert stop.is_set()  # the caller's flag, as a SIGTERM sets it
+    assert calls == [(s, s, ["accuracy", "learning_rate", "loss"]) for s in (1, 2, 3)]
+    assert checkpoint_steps(tmp_path) == [3]
+    assert records(tmp_path) == [r for r in records(ref_dir) if r["step"] <= 3]
+    assert signal.getsignal(signal.SIGTERM) == handler
+
+
+def test_the_experiment_owns_the_schedule_and_the_parameter_counts(reference):
+    ref_dir, ref_summary = reference
+    info = data.dataset_info("synthetic_cifar", synthetic_size=256)  # 16 steps per epoch
+    exp = experiment.build(tiny_config(), info)
+    assert (exp.eval_every, exp.checkpoint_every, exp.num_evals) == (4, 4, 2)
+    assert exp.num_evals == sum(kind(r) == "eval" for r in read_metrics(str(ref_dir)))
+    c = exp.param_count()
+    assert c == count(exp.spec)
+    assert ref_summary["params"] == {"ring_dof": c.ring_dof, "trainable": c.trainable,
+                                     "generated": c.generated, "plain_model": c.plain}
+    per_epoch = experiment.build(tiny_config(num_train_steps=40, eval_every_steps=-1,
+                                             checkpoint_every_steps=0), info)
+    assert (per_epoch.eval_every, per_epoch.checkpoint_every) == (16, 0)
+    assert per_epoch.num_evals == 3  # steps 16, 32 and the last, 40
+    assert experiment.build(tiny_config(eval_every_steps=0), info).num_evals == 1
+    plain = experiment.build(tiny_config(**{"rpg.enabled": False}), info)
+    n = sum(x.size for x in jax.tree.leaves(experiment.initial_state(plain).trainable))
+    assert plain.param_count() == ParamCount(ring_dof=0, free=n, generated=0)
 
 
 def test_rerunning_a_finished_run_changes_nothing(reference, tmp_path):
@@ -463,10 +517,8 @@ def test_device_tables_run_equals_the_host_tables_run_and_resumes_across(referen
     assert records(tmp_path / "device") == records(ref_dir)
 
     workdir = str(tmp_path / "mixed")
-    with sigterm_after_step(3):
-        assert train_and_evaluate(tiny_config(), workdir)["step"] == 3
-    with sigterm_after_step(6):
-        assert train_and_evaluate(device, workdir)["step"] == 6
+    assert train_and_evaluate(tiny_config(), workdir, on_step=sigterm_at(3))["step"] == 3
+    assert train_and_evaluate(device, workdir, on_step=sigterm_at(6))["step"] == 6
     final = train_and_evaluate(tiny_config(), workdir)
     assert final["step"] == 8 and final["eval_loss"] == ref_summary["eval_loss"]
     assert_trees_equal(saved_state(workdir), saved_state(ref_dir))
@@ -545,7 +597,7 @@ def test_sigkill_between_checkpoints_then_rerun_equals_uninterrupted(tmp_path, c
     workdir, marker = tmp_path / "run", tmp_path / "paused"
     env = subprocess_env(compile_cache)
     config = tiny_config()  # checkpoints at 4 and 8, records every 2 steps
-    # The worker blocks inside train step 7 (the bar is updated before the step's logging),
+    # The worker blocks inside train step 7 (on_step runs before the step's logging),
     # once checkpoint 4 is complete: the record of step 6 is then ahead of the checkpoint.
     cmd = _worker_cmd(workdir, config, pause_at_step=7, after_checkpoint=4, marker=marker)
     with _popen(cmd, env, tmp_path, "killed") as proc:
