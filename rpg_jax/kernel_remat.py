@@ -97,7 +97,7 @@ def _fused_use(eqn, invals: list, chain: dict) -> list:
     @jax.custom_vjp
     def use(rings, others):
         shift = device_map.zero_of(others)  # generated when the other inputs are ready
-        kernels = [lz.generate(rings[j], shift)[0] for lz, j in zip(lazies, slot)]
+        kernels = [lz.generate(rings[j], shift)[0] for lz, j in zip(lazies, slot, strict=True)]
         return apply(kernels, others), rings
 
     def use_fwd(rings, others):
@@ -107,7 +107,7 @@ def _fused_use(eqn, invals: list, chain: dict) -> list:
         rings, others = residuals
         out_grads, ring_grads = cotangents
         shift = device_map.zero_of(out_grads)  # generated again when the gradient arrives
-        made = [lz.generate(rings[j], shift) for lz, j in zip(lazies, slot)]
+        made = [lz.generate(rings[j], shift) for lz, j in zip(lazies, slot, strict=True)]
         _, vjp = jax.vjp(apply, [k for k, _ in made], others)
         kernel_grads, other_grads = vjp(out_grads)
         ring_grads = list(ring_grads)
@@ -117,11 +117,10 @@ def _fused_use(eqn, invals: list, chain: dict) -> list:
         return tuple(ring_grads), other_grads
 
     use.defvjp(use_fwd, use_bwd)
-    rings = tuple(chain.get(i, lz.ring) for i, lz in
-                  zip(ring_ids, [next(lz for lz in lazies if id(lz.ring) == i)
-                                 for i in ring_ids]))
+    first = {id(lz.ring): lz.ring for lz in lazies}
+    rings = tuple(chain.get(i, first[i]) for i in ring_ids)
     outs, links = use(rings, [invals[i] for i in other_at])
-    chain.update(zip(ring_ids, links))
+    chain.update(zip(ring_ids, links, strict=True))
     return list(outs)
 
 
