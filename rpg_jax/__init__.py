@@ -4,7 +4,7 @@
     bank = rpg_jax.init_bank(jax.random.key(1), spec, params)
     params = rpg_jax.generate_params(bank, spec)
 
-Trained models: ``load_checkpoint(workdir)``, ``export(ckpt, path, kind)``,
+Trained models (``TrainedModel``): ``load_checkpoint(workdir)``, ``export(ckpt, path, kind)``,
 ``load_export(path)``.
 
 The names are imported on first use (PEP 562), so ``import rpg_jax`` and the command lines
@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, Any
 
 # public name -> the submodule that defines it
 _PUBLIC = {
-    "Checkpoint": "checkpoints",
     "load_checkpoint": "checkpoints",
     "export": "export",
     "load_export": "export",
@@ -42,6 +41,8 @@ _PUBLIC = {
     "RingSpec": "spec",
     "make_spec": "spec",
     "spec_from_tables": "spec",
+    "Checkpoint": "trained_model",
+    "TrainedModel": "trained_model",
 }
 
 __all__ = [  # _PUBLIC's names and the models subpackage
@@ -53,6 +54,7 @@ __all__ = [  # _PUBLIC's names and the models subpackage
     "ParamCount",
     "RPGSpec",
     "RingSpec",
+    "TrainedModel",
     "count",
     "export",
     "generate_params",
@@ -70,7 +72,7 @@ __all__ = [  # _PUBLIC's names and the models subpackage
 
 if TYPE_CHECKING:  # what static tools see; at run time __getattr__ imports on first use
     from rpg_jax import models
-    from rpg_jax.checkpoints import Checkpoint, load_checkpoint
+    from rpg_jax.checkpoints import load_checkpoint
     from rpg_jax.export import export, load_export
     from rpg_jax.generator import (
         DeviceTables,
@@ -85,6 +87,7 @@ if TYPE_CHECKING:  # what static tools see; at run time __getattr__ imports on f
     from rpg_jax.index_map import INDEX_MAP_VERSION, MODES
     from rpg_jax.kernel_remat import remat_kernels
     from rpg_jax.spec import LeafSpec, RingSpec, RPGSpec, make_spec, spec_from_tables
+    from rpg_jax.trained_model import Checkpoint, TrainedModel
 
 
 def __getattr__(name: str) -> Any:

@@ -10,7 +10,6 @@ are derived from it, no index files), ``config`` (the run's config as JSON) and 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import operator
@@ -30,8 +29,9 @@ from absl import logging
 
 from rpg_jax import config as config_lib
 from rpg_jax import data, experiment, steps
-from rpg_jax.generator import generate_params, make_tables
 from rpg_jax.spec import RPGSpec
+from rpg_jax.trained_model import Checkpoint as Checkpoint  # re-exported: the former name
+from rpg_jax.trained_model import TrainedModel
 
 CHECKPOINT_DIR = "checkpoints"
 DAMAGED_DIR = "checkpoints_damaged"  # damaged steps are moved here, never deleted
@@ -141,7 +141,7 @@ def save(manager: ocp.CheckpointManager, step: int, state: steps.TrainState, ite
         raise NonFiniteStateError(non_finite_message(step, bad) + "; not saved")
     pending_host = [{k: float(v) for k, v in m.items()} for m in jax.device_get(list(pending))]
     spec = exp.spec.to_dict() if exp.spec is not None else {}
-    config, info = exp.config.to_dict(), dataclasses.asdict(exp.info)
+    config, info = exp.config.to_dict(), exp.info.to_dict()
     record = {"pending": pending_host,
               "examples": int(step * exp.config.batch_size if examples is None else examples),
               "batch_size": int(exp.config.batch_size), "state_digest": digest,
@@ -225,8 +225,7 @@ def read_meta(manager: ocp.CheckpointManager,
             spec=ocp.args.JsonRestore(), config=ocp.args.JsonRestore(),
             info=ocp.args.JsonRestore()))
         spec = RPGSpec.from_dict(meta["spec"]) if meta["spec"] else None
-        info = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["info"].items()}
-        info = data.DatasetInfo(**info)
+        info = data.DatasetInfo.from_dict(meta["info"])
     except FileNotFoundError as e:
         raise DamagedCheckpointError(step, step_dir(manager, step), f"vanished ({e})") from e
     except Exception as e:  # what a damaged JSON item raises varies with its damage
@@ -266,7 +265,7 @@ def _verify(manager: ocp.CheckpointManager, step: int, state: Any, extra: dict[s
     if meta is not None and "meta_sha256" in extra:
         config, spec, info = meta
         if _sha([spec.to_dict() if spec is not None else {}, config,
-                 dataclasses.asdict(info)]) != extra["meta_sha256"]:
+                 info.to_dict()]) != extra["meta_sha256"]:
             raise DamagedCheckpointError(step, os.path.join(root, "config"),
                                          "spec/config/info do not match their checksum")
 
@@ -481,52 +480,6 @@ def _dotted(d: dict, prefix: str = "") -> list[str]:
     return out
 
 
-@dataclasses.dataclass
-class Checkpoint:
-    """A trained model restored from a workdir (see ``load_checkpoint``)."""
-
-    bank: Any  # rings + free params (RPG), or the params themselves (plain)
-    spec: RPGSpec | None
-    batch_stats: Any
-    config: ml_collections.ConfigDict
-    step: int
-    model: Any
-    info: data.DatasetInfo
-
-    @functools.cached_property
-    def params(self) -> Any:
-        """The model's full params (generated from the bank for RPG)."""
-        if self.spec is None:
-            return self.bank
-        return generate_params(self.bank, self.spec, make_tables(self.spec, inverse=False))
-
-    @functools.cached_property
-    def _apply(self):
-        return jax.jit(lambda params, batch_stats, x: self.model.apply(
-            {"params": params, "batch_stats": batch_stats}, x, train=False))
-
-    def predict(self, images: Any, batch_size: int = 256) -> np.ndarray:
-        """Logits for a batch of raw images as the dataset stores them (uint8 [N, H, W, C]).
-
-        Applies the config's eval preprocessing (resize/crop where the dataset has one, then
-        normalisation) and returns float32 logits [N, num_classes]; N may be 0.
-        """
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer) \
-                or batch_size < 1:
-            raise ValueError(f"batch_size={batch_size!r}: expected a positive int")
-        shape = np.shape(images) if isinstance(images, np.ndarray | jax.Array) else None
-        if shape is not None and tuple(shape) == tuple(self.info.image_shape):
-            raise ValueError(f"predict takes a batch [N, H, W, C]; got one image of shape "
-                             f"{tuple(shape)}: pass images[None] for a batch of one")
-        x = data.preprocess_for_eval(self.info.name, images)
-        out = [np.zeros((0, self.info.num_classes), np.float32)]
-        for start in range(0, len(x), batch_size):
-            chunk = steps.normalize(jnp.asarray(x[start : start + batch_size]),
-                                    self.info.mean, self.info.std)
-            out.append(np.asarray(self._apply(self.params, self.batch_stats, chunk)))
-        return np.concatenate(out).astype(np.float32)
-
-
 def _as_step(step: Any) -> int | None:
     if step is None:
         return None
@@ -541,7 +494,7 @@ def _as_step(step: Any) -> int | None:
                         "latest)") from None
 
 
-def load_checkpoint(workdir: str, step: int | None = None, retries: int = 5) -> Checkpoint:
+def load_checkpoint(workdir: str, step: int | None = None, retries: int = 5) -> TrainedModel:
     """Loads a run's checkpoint (the latest by default) onto the default device.
 
     Works on a single CPU for checkpoints written on any number of devices or hosts. Needs
@@ -586,7 +539,7 @@ def load_checkpoint(workdir: str, step: int | None = None, retries: int = 5) -> 
                        f"changing over {retries + 1} attempts")
 
 
-def _load(manager: ocp.CheckpointManager, step: int) -> Checkpoint:
+def _load(manager: ocp.CheckpointManager, step: int) -> TrainedModel:
     meta = read_meta(manager, step)
     saved_config, spec, info = meta
     config = ml_collections.ConfigDict(saved_config)
@@ -604,5 +557,5 @@ def _load(manager: ocp.CheckpointManager, step: int) -> Checkpoint:
     except Exception as e:
         raise _damage(manager, step, "state", e) from e
     _verify(manager, step, state, extra, meta)
-    return Checkpoint(bank=state.trainable, spec=spec, batch_stats=state.batch_stats,
-                      config=config, step=int(step), model=exp.model, info=info)
+    return TrainedModel(trainable=state.trainable, spec=spec, batch_stats=state.batch_stats,
+                        config=config, step=int(step), model=exp.model, info=info)

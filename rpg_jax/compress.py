@@ -63,9 +63,9 @@ def compressible(ckpt) -> dict[str, np.ndarray]:
     """The arrays that get compressed: the rings (RPG) or, for a plain model, the weights
     RPG would generate from a ring (the block conv kernels), flattened."""
     if ckpt.spec is not None:
-        return {name: np.asarray(r) for name, r in ckpt.bank["rings"].items()}
-    spec = make_spec(ckpt.bank, 1.0)  # only to select the same leaves as RPG would
-    flat = dict(flatten_params(ckpt.bank))
+        return {name: np.asarray(r) for name, r in ckpt.trainable["rings"].items()}
+    spec = make_spec(ckpt.trainable, 1.0)  # only to select the same leaves as RPG would
+    flat = dict(flatten_params(ckpt.trainable))
     return {leaf.name: np.asarray(flat[leaf.path]).ravel() for leaf in spec.generated}
 
 
@@ -73,15 +73,15 @@ def with_arrays(ckpt, arrays: dict[str, Any]) -> Any:
     """The trainable tree of ``ckpt`` with its compressible arrays replaced."""
     if ckpt.spec is not None:
         return {"rings": {k: jnp.asarray(v) for k, v in arrays.items()},
-                "free": ckpt.bank["free"]}
+                "free": ckpt.trainable["free"]}
     pairs = [(path, jnp.asarray(arrays["/".join(path)]).reshape(np.shape(x))
-              if "/".join(path) in arrays else x) for path, x in flatten_params(ckpt.bank)]
+              if "/".join(path) in arrays else x) for path, x in flatten_params(ckpt.trainable)]
     return unflatten_params(pairs)
 
 
 def other_bytes(ckpt) -> int:
     """float32 bytes of everything that is not compressed (free params, batch stats)."""
-    total = sum(np.asarray(x).nbytes for x in jax.tree.leaves(ckpt.bank))
+    total = sum(np.asarray(x).nbytes for x in jax.tree.leaves(ckpt.trainable))
     total -= sum(a.nbytes for a in compressible(ckpt).values())
     return total + sum(np.asarray(x).nbytes for x in jax.tree.leaves(ckpt.batch_stats))
 
@@ -89,7 +89,7 @@ def other_bytes(ckpt) -> int:
 def check_finite(ckpt) -> None:
     """Raises ValueError naming the arrays of ``ckpt`` that hold NaN or inf."""
     bad = [jax.tree_util.keystr(path) for path, x in
-           jax.tree_util.tree_flatten_with_path((ckpt.bank, ckpt.batch_stats))[0]
+           jax.tree_util.tree_flatten_with_path((ckpt.trainable, ckpt.batch_stats))[0]
            if not np.all(np.isfinite(np.asarray(x)))]
     if bad:
         raise ValueError(f"the checkpoint at step {ckpt.step} holds non-finite values (NaN/inf) "
@@ -136,7 +136,7 @@ def finetune(ckpt, trainable: Any, keep: dict[str, np.ndarray], steps_: int,
     training batches come from the run's dataset and batch size, shuffled with seed + 1.
     """
     ones = jax.tree.map(jnp.ones_like, trainable)
-    masks = with_arrays(dataclasses.replace(ckpt, bank=ones),
+    masks = with_arrays(dataclasses.replace(ckpt, trainable=ones),
                         {k: v.astype(np.float32) for k, v in keep.items()})
     c = ckpt.config
     tx = finetune_optimizer(c, learning_rate)
@@ -177,14 +177,14 @@ def compress_checkpoint(ckpt, *, prune: float = 0.0, bits: int = 32, chunk: int 
     check_finite(ckpt)
     arrays = compressible(ckpt)
     threshold = global_threshold(list(arrays.values()), prune)
-    before = evaluate(ckpt, ckpt.bank, eval_batch_size)
+    before = evaluate(ckpt, ckpt.trainable, eval_batch_size)
     dense_bytes = sum(a.nbytes for a in arrays.values()) + other_bytes(ckpt)
     if finetune_steps:
         keep = {k: np.abs(a) > threshold for k, a in arrays.items()}
         pruned = {k: np.where(keep[k], a, 0.0) for k, a in arrays.items()}
         tuned = finetune(ckpt, with_arrays(ckpt, pruned), keep, finetune_steps, finetune_lr)
         arrays = {k: np.where(keep[k], np.asarray(v), 0.0) for k, v in
-                  compressible(dataclasses.replace(ckpt, bank=tuned)).items()}
+                  compressible(dataclasses.replace(ckpt, trainable=tuned)).items()}
     packed = {k: compress_array(a, threshold=threshold if not finetune_steps else 0.0,
                                 bits=bits, chunk=chunk) for k, a in arrays.items()}
     trainable = with_arrays(ckpt, {k: p.dequantize() for k, p in packed.items()})

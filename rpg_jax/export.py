@@ -11,7 +11,6 @@ checksum) still load. Rings may be stored compressed (pruned and/or quantised, s
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -24,10 +23,10 @@ from absl import logging
 from flax import serialization
 
 from rpg_jax import data, experiment
-from rpg_jax.checkpoints import Checkpoint
 from rpg_jax.generator import materialize
 from rpg_jax.quantize import CompressedArray
 from rpg_jax.spec import RPGSpec
+from rpg_jax.trained_model import TrainedModel
 
 EXPORT_FORMAT = 2
 READ_FORMATS = (1, 2)
@@ -37,10 +36,10 @@ KINDS = ("rpg", "params")
 MODEL_FIELDS = ("model", "width", "zero_init_residual", "half_precision", "dataset", "vit")
 
 
-def _meta(ckpt: Checkpoint, spec: RPGSpec | None) -> str:
+def _meta(ckpt: TrainedModel, spec: RPGSpec | None) -> str:
     config = ckpt.config.to_dict()
     model_cfg = {k: config[k] for k in MODEL_FIELDS if k in config}
-    return json.dumps({"config": model_cfg, "info": dataclasses.asdict(ckpt.info),
+    return json.dumps({"config": model_cfg, "info": ckpt.info.to_dict(),
                        "spec": spec.to_dict() if spec is not None else None,
                        "step": ckpt.step})
 
@@ -50,7 +49,7 @@ def _encode_rings(rings: dict[str, Any]) -> dict[str, Any]:
             for name, r in rings.items()}
 
 
-def export(ckpt: Checkpoint, path: str, kind: str = "rpg",
+def export(ckpt: TrainedModel, path: str, kind: str = "rpg",
            rings: dict[str, Any] | None = None) -> int:
     """Writes ``ckpt`` to ``path`` and returns the file size in bytes.
 
@@ -65,12 +64,12 @@ def export(ckpt: Checkpoint, path: str, kind: str = "rpg",
     if rings is not None and kind != "rpg":
         raise ValueError("rings= only applies to kind='rpg'")
     if kind == "rpg":
-        weights = {"rings": _encode_rings(rings if rings is not None else ckpt.bank["rings"]),
-                   "free": jax.device_get(ckpt.bank["free"])}
+        weights = {"rings": _encode_rings(rings if rings is not None else ckpt.trainable["rings"]),
+                   "free": jax.device_get(ckpt.trainable["free"])}
         spec = ckpt.spec
     else:
-        weights = (materialize(ckpt.bank, ckpt.spec) if ckpt.spec is not None
-                   else jax.device_get(ckpt.bank))
+        weights = (materialize(ckpt.trainable, ckpt.spec) if ckpt.spec is not None
+                   else jax.device_get(ckpt.trainable))
         spec = None
     body = serialization.msgpack_serialize({
         "kind": kind, "meta": _meta(ckpt, spec),
@@ -119,8 +118,8 @@ def _body(path: str, blob: Any) -> dict[str, Any]:
     return body
 
 
-def load_export(path: str) -> Checkpoint:
-    """Loads a file written by ``export`` (either kind) as a ``Checkpoint``.
+def load_export(path: str) -> TrainedModel:
+    """Loads a file written by ``export`` (either kind) as a ``TrainedModel``.
 
     Raises ValueError for a foreign file, a missing field, or (format 2) content that does
     not match the stored checksum.
@@ -132,8 +131,7 @@ def load_export(path: str) -> Checkpoint:
     try:
         meta = json.loads(blob["meta"])
         config = ml_collections.ConfigDict(meta["config"])
-        info = data.DatasetInfo(**{k: tuple(v) if isinstance(v, list) else v
-                                   for k, v in meta["info"].items()})
+        info = data.DatasetInfo.from_dict(meta["info"])
         spec = RPGSpec.from_dict(meta["spec"]) if meta["spec"] is not None else None
         step = int(meta["step"])
     except (ValueError, KeyError, TypeError) as e:
@@ -144,6 +142,6 @@ def load_export(path: str) -> Checkpoint:
         rings = {name: (CompressedArray.from_state(r).dequantize() if isinstance(r, dict)
                         else np.asarray(r)) for name, r in weights["rings"].items()}
         weights = {"rings": rings, "free": weights["free"]}
-    return Checkpoint(bank=jax.device_put(weights), spec=spec,
-                      batch_stats=jax.device_put(blob["batch_stats"]), config=config,
-                      step=step, model=model, info=info)
+    return TrainedModel(trainable=jax.device_put(weights), spec=spec,
+                        batch_stats=jax.device_put(blob["batch_stats"]), config=config,
+                        step=step, model=model, info=info)

@@ -26,10 +26,10 @@ import numpy as np
 
 from rpg_jax import config as config_lib
 from rpg_jax import data
-from rpg_jax.checkpoints import Checkpoint
 from rpg_jax.index_map import encode
 from rpg_jax.models import get_model
 from rpg_jax.spec import REFERENCE_FAN, flatten_params, spec_from_tables, unflatten_params
+from rpg_jax.trained_model import TrainedModel
 
 Path = tuple[str, ...]
 
@@ -189,8 +189,8 @@ def reference_paths(pth_path: str | os.PathLike) -> tuple[str, str]:
 
 
 @dataclasses.dataclass
-class ReferenceCheckpoint(Checkpoint):
-    """A ``Checkpoint`` imported from the reference code, with the file's training record."""
+class ReferenceCheckpoint(TrainedModel):
+    """A ``TrainedModel`` imported from the reference code, with the file's training record."""
 
     epoch: int | None = None  # the file's epoch count (None for a bare state_dict)
     best_acc1: float | None = None  # the file's best top-1 accuracy, percent
@@ -302,7 +302,7 @@ def load_reference_checkpoint(pth_path: str | os.PathLike,
         name="imagenet2012", num_classes=int(num_classes), image_shape=(224, 224, 3),
         mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), num_train=1281167,
         num_eval=50000, train_split="train", eval_split="validation")
-    bank = {"rings": {"ring": jnp.asarray(ring)}, "free": trees["params"]}
-    return ReferenceCheckpoint(bank=bank, spec=spec, batch_stats=trees["batch_stats"],
+    trainable = {"rings": {"ring": jnp.asarray(ring)}, "free": trees["params"]}
+    return ReferenceCheckpoint(trainable=trainable, spec=spec, batch_stats=trees["batch_stats"],
                                config=config, step=0, model=model, info=info,
                                epoch=meta.get("epoch"), best_acc1=meta.get("best_acc1"))

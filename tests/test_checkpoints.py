@@ -131,6 +131,10 @@ def test_load_checkpoint_predict_matches_manual_apply(rpg, rpg_run, plain_run):
     ckpt = checkpoints.load_checkpoint(str(workdir))
     assert ckpt.step == 8
     assert ckpt.config.rpg.enabled == rpg
+    assert type(ckpt) is rpg_jax.TrainedModel is rpg_jax.Checkpoint is checkpoints.Checkpoint
+    assert ckpt.bank is ckpt.trainable  # the former name, read-only
+    with pytest.raises(AttributeError):
+        ckpt.bank = ckpt.trainable
     assert ckpt.config.to_dict() == json.loads((workdir / "config.json").read_text())
     config = tiny_config()
     info = synthetic_info(config)
@@ -140,18 +144,18 @@ def test_load_checkpoint_predict_matches_manual_apply(rpg, rpg_run, plain_run):
     meta = ocp.StandardCheckpointer().metadata(workdir / "checkpoints" / "8" / "state")
     first = jax.tree.leaves(meta.item_metadata)[0]
     assert len(first.sharding.device_mesh.mesh) == 8
-    for leaf in jax.tree.leaves((ckpt.bank, ckpt.batch_stats)):
+    for leaf in jax.tree.leaves((ckpt.trainable, ckpt.batch_stats)):
         assert leaf.sharding.device_set == {jax.devices()[0]}
 
     model = rpg_jax.models.get_model("resnet20", num_classes=10, width=0.25)
     if rpg:
         assert ckpt.spec is not None
-        params = rpg_jax.generate_params(ckpt.bank, ckpt.spec)
-        assert "rings" in ckpt.bank and "free" in ckpt.bank
+        params = rpg_jax.generate_params(ckpt.trainable, ckpt.spec)
+        assert "rings" in ckpt.trainable and "free" in ckpt.trainable
     else:
         assert ckpt.spec is None
-        params = ckpt.bank
-        assert ckpt.params is ckpt.bank
+        params = ckpt.trainable
+        assert ckpt.params is ckpt.trainable
     want_shapes = jax.eval_shape(lambda: model.init(
         jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))
     assert jax.tree.map(lambda x: (x.shape, x.dtype), ckpt.params) == jax.tree.map(
@@ -192,10 +196,11 @@ def test_load_checkpoint_step_selection(rpg_run):
     at8 = checkpoints.load_checkpoint(str(workdir), step=8)
     latest = checkpoints.load_checkpoint(str(workdir))
     assert (at4.step, at8.step, latest.step) == (4, 8, 8)
-    for a, b in zip(jax.tree.leaves(at8.bank), jax.tree.leaves(latest.bank), strict=True):
+    for a, b in zip(jax.tree.leaves(at8.trainable), jax.tree.leaves(latest.trainable), strict=True):
         np.testing.assert_array_equal(a, b)
     differs = [not np.array_equal(a, b)
-               for a, b in zip(jax.tree.leaves(at4.bank), jax.tree.leaves(at8.bank), strict=True)]
+               for a, b in zip(jax.tree.leaves(at4.trainable), jax.tree.leaves(at8.trainable),
+                               strict=True)]
     assert any(differs)
     with pytest.raises(ValueError, match=r"step=3 .*available: \[4, 8\]"):
         checkpoints.load_checkpoint(str(workdir), step=3)
@@ -286,14 +291,14 @@ def test_checkpoint_bytes_scale_with_the_bank_not_the_generated_weights(tmp_path
 
     loaded = checkpoints.load_checkpoint(str(tmp_path))
     assert loaded.step == 0 and loaded.spec == exp.spec
-    for a, b in zip(jax.tree.leaves(loaded.bank), jax.tree.leaves(bank), strict=True):
+    for a, b in zip(jax.tree.leaves(loaded.trainable), jax.tree.leaves(bank), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_materialize_a_host_copy_of_a_loaded_bank(rpg_run):
     workdir, _ = rpg_run
     ckpt = checkpoints.load_checkpoint(str(workdir))
-    want = rpg_jax.materialize(ckpt.bank, ckpt.spec)  # device arrays: fine
-    got = rpg_jax.materialize(jax.device_get(ckpt.bank), ckpt.spec)
+    want = rpg_jax.materialize(ckpt.trainable, ckpt.spec)  # device arrays: fine
+    got = rpg_jax.materialize(jax.device_get(ckpt.trainable), ckpt.spec)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_array_equal(a, b)

@@ -101,7 +101,7 @@ def test_compress_rpg_checkpoint(rpg_ckpt):
 
 @needs_fmnist
 def test_finetuning_keeps_pruned_entries_at_zero(rpg_ckpt):
-    ring = np.concatenate([np.asarray(r) for r in rpg_ckpt.bank["rings"].values()])
+    ring = np.concatenate([np.asarray(r) for r in rpg_ckpt.trainable["rings"].values()])
     threshold = compress.global_threshold([ring], 0.6)
     report, packed = compress.compress_checkpoint(rpg_ckpt, prune=0.6, finetune_steps=3,
                                                   eval_batch_size=1000)
@@ -148,9 +148,9 @@ def test_finetuning_an_adamw_run_takes_adamw_steps(rpg_ckpt):
     ckpt = dataclasses.replace(rpg_ckpt, config=config)
     keep = {k: np.ones(a.size, bool) for k, a in compress.compressible(ckpt).items()}
     lr = 1e-2
-    tuned = compress.finetune(ckpt, ckpt.bank, keep, 1, lr)
+    tuned = compress.finetune(ckpt, ckpt.trainable, keep, 1, lr)
     delta = np.concatenate([np.asarray(tuned["rings"][k]) - np.asarray(r)
-                            for k, r in ckpt.bank["rings"].items()])
+                            for k, r in ckpt.trainable["rings"].items()])
     step = np.abs(delta)
     # Adam's first step moves every entry with a gradient by lr * |g| / (|g| + eps), lr for
     # all but the tiniest gradients; SGD's would be lr * |g|, far below lr and different for

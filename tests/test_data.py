@@ -16,6 +16,7 @@ from PIL import Image
 
 from rpg_jax.data import (
     ArraySource,
+    DatasetInfo,
     SyntheticSource,
     crop_flip_batch,
     dataset_info,
@@ -339,6 +340,13 @@ def test_synthetic_datasets():
     assert batch["image"].shape == (4, 224, 224, 3) and batch["label"].max() < 1000
     with pytest.raises(ValueError, match="synthetic_size"):
         dataset_info("fashion_mnist", synthetic_size=10)
+
+
+def test_dataset_info_round_trips_through_json():
+    info = dataset_info("synthetic_cifar", synthetic_size=64)
+    stored = json.loads(json.dumps(info.to_dict()))
+    assert stored["image_shape"] == [32, 32, 3] and stored["num_train"] == 64
+    assert DatasetInfo.from_dict(stored) == info
 
 
 def test_bad_arguments(fake_fmnist):

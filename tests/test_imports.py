@@ -120,8 +120,11 @@ KNOWN_CYCLE_EDGES = {("rpg_jax.data.pipeline", "rpg_jax.data.dali")}
 
 def test_rpg_jax_has_no_import_cycle():
     graph = import_graph()
-    assert {"rpg_jax.compress", "rpg_jax.export", "rpg_jax.quantize"} <= set(graph)
+    assert {"rpg_jax.compress", "rpg_jax.export", "rpg_jax.quantize", "rpg_jax.trained_model",
+            "rpg_jax.data.info"} <= set(graph)
     assert "rpg_jax.compress" not in graph["rpg_jax.export"]
+    for loader in ("rpg_jax.export", "rpg_jax.interop", "rpg_jax.trained_model"):
+        assert "rpg_jax.checkpoints" not in graph[loader], loader  # Orbax and grain
     for a, b in KNOWN_CYCLE_EDGES:
         assert b in graph[a], f"{a} -> {b} is gone: drop it from KNOWN_CYCLE_EDGES"
         graph[a] = graph[a] - {b}
@@ -190,6 +193,33 @@ def test_cli_quantize_and_the_study_reports_import_neither_jax_nor_flax():
     # rpg_jax.study (the package) imports its report kinds; the runner waits for first use
     result = _python("import sys, rpg_jax.cli, rpg_jax.quantize, rpg_jax.study.report; "
                      "print([m for m in ('jax', 'flax', 'optax') if m in sys.modules])")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_loading_a_model_imports_neither_orbax_nor_grain(tmp_path):
+    result = _python(textwrap.dedent("""
+        import sys
+        import jax, numpy as np
+        import rpg_jax.interop
+        from rpg_jax import config, experiment
+        from rpg_jax.data import DatasetInfo
+        from rpg_jax.export import export, load_export
+        from rpg_jax.trained_model import TrainedModel
+
+        c = config.base_config()
+        c.model, c.width = "resnet20", 0.25
+        info = DatasetInfo("cifar10", 10, (32, 32, 3), (0.5,) * 3, (0.25,) * 3, 8, 8,
+                           "train", "test")
+        model = experiment.build_model(c, info.num_classes)
+        v = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype),
+                         experiment.param_shapes(model, info))
+        export(TrainedModel(v["params"], None, v["batch_stats"], c, 1, model, info),
+               sys.argv[1], "params")
+        loaded = load_export(sys.argv[1])
+        assert loaded.info == info and loaded.bank is loaded.trainable
+        print([m for m in ("orbax", "grain", "rpg_jax.checkpoints") if m in sys.modules])
+    """), str(tmp_path / "model.params"))
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
 

@@ -277,7 +277,8 @@ def test_float_masks_and_bare_state_dict_load_the_same(ref18, tmp_path):
                                      ref18["b_masks"])
     assert ckpt.epoch is None and ckpt.best_acc1 is None and ckpt.step == 0
     assert ckpt.spec == ref18["ckpt"].spec
-    np.testing.assert_array_equal(ckpt.bank["rings"]["ring"], ref18["ckpt"].bank["rings"]["ring"])
+    np.testing.assert_array_equal(ckpt.trainable["rings"]["ring"],
+                                  ref18["ckpt"].trainable["rings"]["ring"])
 
 
 def test_index_out_of_range_and_bad_mask(ref18, tmp_path):

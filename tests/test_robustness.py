@@ -164,7 +164,7 @@ def test_resume_with_a_huge_learning_rate_stops_and_keeps_the_finite_checkpoints
     assert snapshot(copy / "checkpoints") == before  # the good checkpoints are all still there
     ckpt = checkpoints.load_checkpoint(str(copy))
     assert ckpt.step == 8
-    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(ckpt.bank))
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(ckpt.trainable))
     assert not (copy / workdir_lib.LOCK_FILE).exists()  # the lock went with the run
 
 
@@ -532,9 +532,9 @@ def test_compress_cli_checks_flags_before_any_work(argv, expected, capsys):
 def test_compress_cli_refuses_out_for_plain_and_non_finite_before_evaluating(ckpt, capsys,
                                                                              tmp_path):
     plain = dataclasses.replace(ckpt, spec=None)
-    nan_bank = jax.tree.map(lambda x: x * jnp.nan, ckpt.bank)
+    nan = jax.tree.map(lambda x: x * jnp.nan, ckpt.trainable)
     cases = [(plain, [f"--out={tmp_path / 'm.rpg'}"], "this checkpoint is a plain model"),
-             (dataclasses.replace(ckpt, bank=nan_bank), [], "holds non-finite values (NaN/inf)"),
+             (dataclasses.replace(ckpt, trainable=nan), [], "holds non-finite values (NaN/inf)"),
              (ckpt, [f"--out={tmp_path}"], "is a directory")]
     for loaded, argv, expected in cases:
         with mock.patch.object(compress, "evaluate", side_effect=AssertionError("evaluated")), \

@@ -55,6 +55,7 @@ from absl import flags
 
 from rpg_jax.data import augment, hashing, jpeg
 from rpg_jax.data.fashion_mnist import load_fashion_mnist
+from rpg_jax.data.info import DatasetInfo
 from rpg_jax.data.sources import (
     ArraySource,
     SyntheticSource,
@@ -71,25 +72,6 @@ _log = logging.getLogger(__name__)
 
 _UNIFORM_MEAN = (0.5, 0.5, 0.5)
 _UNIFORM_STD = (0.2898, 0.2898, 0.2898)  # std of uniform bytes / 255
-
-
-@dataclasses.dataclass(frozen=True)
-class DatasetInfo:
-    """Static description of a dataset as fed to the model.
-
-    ``image_shape`` is (H, W, C) after host preprocessing; ``mean``/``std`` are
-    per channel in 0..1 units; sizes come from ``len(source)`` of each split.
-    """
-
-    name: str
-    num_classes: int
-    image_shape: tuple[int, int, int]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    num_train: int
-    num_eval: int
-    train_split: str
-    eval_split: str
 
 
 @dataclasses.dataclass(frozen=True)
