@@ -242,16 +242,15 @@ _device_expand_ring.defvjp(_device_expand_ring_fwd, _device_expand_ring_bwd)
 # ------------------------------------------- one kernel at a time (rpg_jax.kernel_remat)
 KERNEL_NAME = "rpg_generated_kernel"
 _KERNELS: dict[str, tuple] = {}  # marker name -> (key, layer, leaf), static
+_MARKERS: dict[tuple, str] = {}  # the reverse
 
 
 def _marker(key, layer: int, leaf) -> str:
     static = (key, layer, leaf)
-    for name, known in _KERNELS.items():
-        if known == static:
-            return name
-    name = f"{KERNEL_NAME}/{len(_KERNELS)}"
-    _KERNELS[name] = static
-    return name
+    if static not in _MARKERS:
+        _MARKERS[static] = name = f"{KERNEL_NAME}/{len(_KERNELS)}"
+        _KERNELS[name] = static
+    return _MARKERS[static]
 
 
 def kernel_of_marker(name: str) -> tuple | None:

@@ -43,9 +43,8 @@ class _Lazy:
     ops: tuple = ()  # jaxpr equations applied to the generated kernel, in order
 
     def generate(self, ring, shift):
-        key, layer, leaf = self.static
-        kernel, forward = generator.device_kernel(key, layer, leaf, ring, shift)
-        return kernel, forward
+        """(kernel, its encoded forward indices)."""
+        return generator.device_kernel(*self.static, ring, shift)
 
     def relayout(self, kernel):
         for eqn in self.ops:
