@@ -122,7 +122,10 @@ def make_tables(spec: RPGSpec, sharding: jax.sharding.Sharding | None = None, *,
 
 @functools.lru_cache(maxsize=16)
 def _default_tables(spec: RPGSpec) -> Tables:
-    return make_tables(spec)
+    # Concrete arrays even when first asked for inside a trace: a cached tracer would leak
+    # into every later call.
+    with jax.ensure_compile_time_eval():
+        return make_tables(spec)
 
 
 # Static layout of one ring's leaves: ((size, shape, scale, dtype), ...).

@@ -493,3 +493,17 @@ def test_spec_from_tables_errors_name_the_parameter():
         rpg_jax.spec_from_tables(params, 10, {"layer1_0/conv1/kernel": good + 10})
     with pytest.raises(ValueError, match="no/such"):
         rpg_jax.spec_from_tables(params, 10, {"no/such": good})
+
+
+def test_default_tables_first_made_inside_jit_serve_later_eager_calls():
+    """Without ``tables``, the first call made under jit must not cache a tracer: the eager
+    forward and gradient after it used to fail with UnexpectedTracerError."""
+    params = toy_params()
+    spec = rpg_jax.make_spec(params, ring_size=50, seed=424242)  # a spec no other test caches
+    bank = rpg_jax.init_bank(jax.random.key(0), spec, params)
+    jitted = jax.jit(rpg_jax.generate_params, static_argnums=1)(bank, spec)
+    eager = rpg_jax.generate_params(bank, spec)
+    grad = jax.grad(lambda b: weighted_loss(rpg_jax.generate_params(b, spec)))(bank)
+    assert jax.tree.all(jax.tree.map(np.array_equal, jitted, eager))
+    np.testing.assert_allclose(grad["rings"]["ring"], jax.grad(
+        lambda b: weighted_loss(reference_params(b, spec)))(bank)["rings"]["ring"], rtol=1e-5)
