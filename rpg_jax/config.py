@@ -330,24 +330,33 @@ def _validate_sinks(config: ml_collections.ConfigDict) -> None:
 
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the first bad field; cheap, runs before any work starts."""
-    from rpg_jax import optim
-    from rpg_jax.data import DATASET_NAMES
-    from rpg_jax.index_map import MODES
-    from rpg_jax.models import MODEL_NAMES
-    from rpg_jax.spec import GROUP_PRESETS, SELECT_PRESETS
-
     for field in field_names(config):
         value = field_value(config, field)
         if isinstance(value, float) and not math.isfinite(value):
             _fail(field, value, "a finite number")
+    _validate_data_and_model(config)
+    _validate_optimization(config)
+    _validate_schedule_and_outputs(config)
+    _validate_resume_overrides(config)
+    if config.rpg.enabled:
+        _validate_rpg(config)
+
+
+def _check_positive_int(field: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        _fail(field, value, "a positive int")
+
+
+def _validate_data_and_model(config: ml_collections.ConfigDict) -> None:
+    from rpg_jax.data import DATASET_NAMES
+    from rpg_jax.models import MODEL_NAMES
+
     if config.dataset not in DATASET_NAMES:
         _fail("dataset", config.dataset, f"one of {DATASET_NAMES}")
     _validate_image_decoding(config)
     if config.model.lower() not in MODEL_NAMES:
         _fail("model", config.model, f"one of {MODEL_NAMES}")
-    for field in ("batch_size",):
-        if not isinstance(config[field], int) or config[field] <= 0:
-            _fail(field, config[field], "a positive int")
+    _check_positive_int("batch_size", config.batch_size)
     if config.eval_batch_size < 0:
         _fail("eval_batch_size", config.eval_batch_size, "0 (= batch_size) or a positive int")
     if config.eval_steps == 0 or config.eval_steps < -1:
@@ -356,6 +365,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _fail("width", config.width, "a positive channel multiplier")
     if is_vit(config):
         _validate_vit(config)
+
+
+def _validate_optimization(config: ml_collections.ConfigDict) -> None:
+    """The step count, the optimizer and its schedule, then the recipe knobs."""
+    from rpg_jax import optim
+
     if config.num_train_steps == 0 or config.num_train_steps < -1:
         _fail("num_train_steps", config.num_train_steps, "-1 (from num_epochs) or >= 1")
     if config.num_train_steps == -1 and not config.num_epochs > 0:
@@ -367,6 +382,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _fail("learning_rate", config.learning_rate, "a positive finite number")
     if config.lr_decay_epochs <= 0:
         _fail("lr_decay_epochs", config.lr_decay_epochs, "a positive number of epochs")
+    _validate_recipe_knobs(config)
+
+
+def _validate_recipe_knobs(config: ml_collections.ConfigDict) -> None:
+    """Regularisation, mixing, accumulation, EMA and the weight-decay mask."""
+    from rpg_jax import optim
+
     for field in ("weight_decay", "warmup_epochs", "momentum", "grad_clip_norm", "mixup_alpha",
                   "cutmix_alpha"):
         if config[field] < 0:
@@ -377,58 +399,70 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for field in ("mix_prob", "mix_switch_prob"):
         if not 0 <= config[field] <= 1:
             _fail(field, config[field], "a probability in [0, 1]")
-    if isinstance(config.grad_accum_steps, bool) or not isinstance(config.grad_accum_steps, int) \
-            or config.grad_accum_steps < 1:
-        _fail("grad_accum_steps", config.grad_accum_steps, "a positive int")
+    _check_positive_int("grad_accum_steps", config.grad_accum_steps)
     if config.ema_eval and not config.ema_decay > 0:
         _fail("ema_eval", config.ema_eval, "False unless config.ema_decay > 0")
     if config.weight_decay_exclude not in optim.DECAY_EXCLUDE_PRESETS:
         _check_regex("weight_decay_exclude", config.weight_decay_exclude,
                      config.weight_decay_exclude)
-    for field in ("log_every_steps",):
-        if config[field] <= 0:
-            _fail(field, config[field], "a positive number of steps")
+
+
+def _validate_schedule_and_outputs(config: ml_collections.ConfigDict) -> None:
+    """Logging, evaluation and checkpoint intervals, and the metric sinks."""
+    if config.log_every_steps <= 0:
+        _fail("log_every_steps", config.log_every_steps, "a positive number of steps")
     for field in ("eval_every_steps", "checkpoint_every_steps"):
         if config[field] < -1:
             _fail(field, config[field], "-1 (every epoch), 0 (only at the end) or a step count")
     if config.keep_checkpoints < 1:
         _fail("keep_checkpoints", config.keep_checkpoints, "at least 1")
     _validate_sinks(config)
+
+
+def _validate_resume_overrides(config: ml_collections.ConfigDict) -> None:
     fields = field_names(config)
     for name in resume_overrides(config):
-        if name not in fields or is_fixed_on_resume(name) or name in RESUME_FREE:
-            _fail("resume_overrides", config.resume_overrides,
-                  f"comma-separated config fields a resumed run may change ({name!r} is "
-                  + ("not a config field)" if name not in fields else
-                     "always refused: it defines the saved state)" if is_fixed_on_resume(name)
-                     else "always accepted: no override needed)"))
-    if config.rpg.enabled:
-        if config.rpg.mode not in MODES:
-            _fail("rpg.mode", config.rpg.mode, f"one of {MODES}")
-        size = config.rpg.ring_size
-        if isinstance(size, bool) or not isinstance(size, int | float) or size <= 0:
-            _fail("rpg.ring_size", size, "a fraction in (0, 1] or a ring DoF > 1")
-        ring_size(config)
-        g = groups(config)
-        if isinstance(g, str) and g not in GROUP_PRESETS:
-            _fail("rpg.groups", g, f"one of {GROUP_PRESETS} or a JSON object")
-        if not isinstance(config.rpg.seed, int) or config.rpg.seed < 0:
-            _fail("rpg.seed", config.rpg.seed, "a non-negative int")
-        if config.rpg.backward not in BACKWARDS:
-            _fail("rpg.backward", config.rpg.backward, f"one of {BACKWARDS}")
-        if config.rpg.tables not in TABLES:
-            _fail("rpg.tables", config.rpg.tables, f"one of {TABLES}")
-        if not isinstance(config.rpg.remat, bool):
-            _fail("rpg.remat", config.rpg.remat, "True or False")
-        if config.rpg.remat and (config.rpg.tables, config.rpg.backward) != ("device",
-                                                                             "scatter"):
-            _fail("rpg.remat", config.rpg.remat,
-                  "rpg.tables='device' and rpg.backward='scatter' with it (got "
-                  f"rpg.tables={config.rpg.tables!r}, rpg.backward={config.rpg.backward!r})")
-        if not config.rpg.select:
-            _fail("rpg.select", config.rpg.select, f"one of {SELECT_PRESETS} or a regex")
-        if config.rpg.select not in SELECT_PRESETS:
-            _check_regex("rpg.select", config.rpg.select, config.rpg.select)
+        if name not in fields:
+            why = "not a config field"
+        elif is_fixed_on_resume(name):
+            why = "always refused: it defines the saved state"
+        elif name in RESUME_FREE:
+            why = "always accepted: no override needed"
+        else:
+            continue
+        _fail("resume_overrides", config.resume_overrides,
+              f"comma-separated config fields a resumed run may change ({name!r} is {why})")
+
+
+def _validate_rpg(config: ml_collections.ConfigDict) -> None:
+    from rpg_jax.index_map import MODES
+    from rpg_jax.spec import GROUP_PRESETS, SELECT_PRESETS
+
+    rpg = config.rpg
+    if rpg.mode not in MODES:
+        _fail("rpg.mode", rpg.mode, f"one of {MODES}")
+    size = rpg.ring_size
+    if isinstance(size, bool) or not isinstance(size, int | float) or size <= 0:
+        _fail("rpg.ring_size", size, "a fraction in (0, 1] or a ring DoF > 1")
+    ring_size(config)
+    g = groups(config)
+    if isinstance(g, str) and g not in GROUP_PRESETS:
+        _fail("rpg.groups", g, f"one of {GROUP_PRESETS} or a JSON object")
+    if isinstance(rpg.seed, bool) or not isinstance(rpg.seed, int) or rpg.seed < 0:
+        _fail("rpg.seed", rpg.seed, "a non-negative int")
+    for field, allowed in (("backward", BACKWARDS), ("tables", TABLES)):
+        if rpg[field] not in allowed:
+            _fail(f"rpg.{field}", rpg[field], f"one of {allowed}")
+    if not isinstance(rpg.remat, bool):
+        _fail("rpg.remat", rpg.remat, "True or False")
+    if rpg.remat and (rpg.tables, rpg.backward) != ("device", "scatter"):
+        _fail("rpg.remat", rpg.remat,
+              "rpg.tables='device' and rpg.backward='scatter' with it (got "
+              f"rpg.tables={rpg.tables!r}, rpg.backward={rpg.backward!r})")
+    if not rpg.select:
+        _fail("rpg.select", rpg.select, f"one of {SELECT_PRESETS} or a regex")
+    if rpg.select not in SELECT_PRESETS:
+        _check_regex("rpg.select", rpg.select, rpg.select)
 
 
 def _validate_vit(config: ml_collections.ConfigDict) -> None:

@@ -128,19 +128,9 @@ def ring_tables(
 
     ``layer_sizes`` are the numbers of generated weights of the ring's layers, in order.
     """
-    if version != INDEX_MAP_VERSION:
-        raise ValueError(
-            f"index map version {version} is not supported by this rpg_jax "
-            f"(it implements version {INDEX_MAP_VERSION})"
-        )
-    if mode not in MODES:
-        raise ValueError(f"mode={mode!r}: expected one of {MODES}")
     total = int(sum(layer_sizes))
     n = int(ring_size)
-    if not 0 < n <= total:
-        raise ValueError(f"ring size {n} must be in [1, {total}] (the ring's generated weights)")
-    if total >= 1 << 31:
-        raise ValueError(f"a ring reads {total} weights; at most 2**31 - 1 are supported")
+    _check_ring(version, mode, total, n)
     key = ring_key(seed, ring_name, version)
     permute = _Feistel(total, _derive_key(key, 1)) if mode in ("rpg", "perm_only") else None
     signed = mode in ("rpg", "sign_only")
@@ -167,6 +157,20 @@ def ring_tables(
         return forward.view(np.int32), inverse_table(forward.view(np.int32), n)
     # pi is a bijection, so entry e is read at positions pi^-1(e + k*N), k = 0, 1, ...
     return forward.view(np.int32), _pack_inverse(forward, slot, n, -(-total // n))
+
+
+def _check_ring(version: int, mode: str, total: int, n: int) -> None:
+    if version != INDEX_MAP_VERSION:
+        raise ValueError(
+            f"index map version {version} is not supported by this rpg_jax "
+            f"(it implements version {INDEX_MAP_VERSION})"
+        )
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r}: expected one of {MODES}")
+    if not 0 < n <= total:
+        raise ValueError(f"ring size {n} must be in [1, {total}] (the ring's generated weights)")
+    if total >= 1 << 31:
+        raise ValueError(f"a ring reads {total} weights; at most 2**31 - 1 are supported")
 
 
 def _pack_inverse(forward: np.ndarray, slot: np.ndarray, n: int, rows: int) -> np.ndarray:

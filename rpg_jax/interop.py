@@ -188,6 +188,52 @@ def reference_paths(pth_path: str | os.PathLike) -> tuple[str, str]:
     return f"{match[1]}p_idxs.npy", f"{match[1]}b_masks.npy"
 
 
+def _reference_arch(arch: str | None, meta: dict[str, Any]) -> str:
+    """The architecture to build: ``arch``, else the file's, else resnet18."""
+    name = arch if arch is not None else meta.get("arch", "resnet18")
+    key = name.strip().lower()
+    if key not in REFERENCE_ARCHS:
+        where = f"arch={arch!r}" if arch is not None else f"the checkpoint's arch {name!r}"
+        raise ValueError(f"{where} is not supported; valid: {', '.join(REFERENCE_ARCHS)}")
+    return key
+
+
+def _imported_tables(arch: str, order: list, indices: list, masks: list,
+                     ring_size: int) -> dict[str, np.ndarray]:
+    """One checked table per generated conv, keyed by its Flax path, in registration order."""
+    count_note = ("" if len(indices) == len(order) else
+                  f" (the files hold {len(indices)} tables, {arch} has {len(order)} generated "
+                  "convs)")
+    tables = {}
+    for pos, (path, shape) in enumerate(order):
+        name = _torch_module(path[:-1])
+        if pos >= len(indices):
+            raise ValueError(f"{name} (p_idxs[{pos}]): no table{count_note}")
+        tables["/".join(path)] = _table(name, pos, indices[pos], masks[pos], shape, ring_size,
+                                        count_note)
+    if len(indices) > len(order):
+        raise ValueError(f"p_idxs[{len(order)}:] are unexpected after the last generated conv "
+                         f"{_torch_module(order[-1][0][:-1])}{count_note}")
+    return tables
+
+
+def _copied_tree(shapes: Any, collection: str, state: dict[str, Any], used: set[str]) -> Any:
+    """The free params (or BN statistics) of ``collection`` copied from the state_dict; adds
+    each key it reads to ``used``."""
+    pairs = []
+    for path, leaf in flatten_params(shapes):
+        shape = tuple(int(s) for s in leaf.shape)
+        if collection == "params" and _is_generated(path, shape):
+            continue
+        torch_key = _torch_key(collection, path)
+        if torch_key not in state:
+            raise ValueError(f"state_dict has no {torch_key!r} (for Flax {collection} "
+                             f"{'/'.join(path)}, shape {shape})")
+        pairs.append((path, jnp.asarray(_copy(torch_key, state[torch_key], shape))))
+        used.add(torch_key)
+    return unflatten_params(pairs)
+
+
 @dataclasses.dataclass
 class ReferenceCheckpoint(TrainedModel):
     """A ``TrainedModel`` imported from the reference code, with the file's training record."""
@@ -222,11 +268,7 @@ def load_reference_checkpoint(pth_path: str | os.PathLike,
     disagree with the architecture or with each other.
     """
     state, meta = _read_pth(os.fspath(pth_path))
-    name = arch if arch is not None else meta.get("arch", "resnet18")
-    key = name.strip().lower()
-    if key not in REFERENCE_ARCHS:
-        where = f"arch={arch!r}" if arch is not None else f"the checkpoint's arch {name!r}"
-        raise ValueError(f"{where} is not supported; valid: {', '.join(REFERENCE_ARCHS)}")
+    key = _reference_arch(arch, meta)
     if p_idxs_path is None or b_masks_path is None:
         derived = reference_paths(pth_path)
         p_idxs_path = derived[0] if p_idxs_path is None else p_idxs_path
@@ -250,19 +292,7 @@ def load_reference_checkpoint(pth_path: str | os.PathLike,
     if len(indices) != len(masks):
         raise ValueError(f"{os.fspath(p_idxs_path)} holds {len(indices)} index vectors but "
                          f"{os.fspath(b_masks_path)} holds {len(masks)} mask vectors")
-    count_note = ("" if len(indices) == len(order) else
-                  f" (the files hold {len(indices)} tables, {key} has {len(order)} generated "
-                  "convs)")
-    tables = {}
-    for pos, (path, shape) in enumerate(order):
-        name = _torch_module(path[:-1])
-        if pos >= len(indices):
-            raise ValueError(f"{name} (p_idxs[{pos}]): no table{count_note}")
-        tables["/".join(path)] = _table(name, pos, indices[pos], masks[pos], shape, ring.size,
-                                        count_note)
-    if len(indices) > len(order):
-        raise ValueError(f"p_idxs[{len(order)}:] are unexpected after the last generated conv "
-                         f"{_torch_module(order[-1][0][:-1])}{count_note}")
+    tables = _imported_tables(key, order, indices, masks, ring.size)
     spec = spec_from_tables(shapes["params"], ring_size=int(ring.size), leaf_tables=tables,
                             ring_fan=REFERENCE_FAN)
 
@@ -275,20 +305,8 @@ def load_reference_checkpoint(pth_path: str | os.PathLike,
             used.add(alias)
 
     # Free params and BN statistics, copied from the state_dict.
-    trees = {}
-    for collection in ("params", "batch_stats"):
-        pairs = []
-        for path, leaf in flatten_params(shapes[collection]):
-            shape = tuple(int(s) for s in leaf.shape)
-            if collection == "params" and _is_generated(path, shape):
-                continue
-            torch_key = _torch_key(collection, path)
-            if torch_key not in state:
-                raise ValueError(f"state_dict has no {torch_key!r} (for Flax {collection} "
-                                 f"{'/'.join(path)}, shape {shape})")
-            pairs.append((path, jnp.asarray(_copy(torch_key, state[torch_key], shape))))
-            used.add(torch_key)
-        trees[collection] = unflatten_params(pairs)
+    trees = {collection: _copied_tree(shapes[collection], collection, state, used)
+             for collection in ("params", "batch_stats")}
     unexpected = sorted(k for k in set(state) - used if not k.endswith(_IGNORED_SUFFIXES))
     if unexpected:
         raise ValueError(f"state_dict has keys that {key} does not use: {unexpected}")

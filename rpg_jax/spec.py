@@ -318,6 +318,66 @@ def _fits_paper_rule(fans: Fans, size: int, measured: float | None) -> bool:
     return abs(measured / fans.kaiming_fan_out_std - 1.0) <= tolerance
 
 
+def _check_spec_args(mode: str, init: str, seed: Any, groups: Any) -> None:
+    if mode not in MODES:
+        hint = " (for given tables use spec_from_tables)" if mode == "explicit" else ""
+        raise ValueError(f"mode={mode!r}: expected one of {MODES}{hint}")
+    if init not in INIT_RULES:
+        raise ValueError(f"init={init!r}: expected one of {INIT_RULES}")
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
+        raise ValueError(f"seed={seed!r}: expected a non-negative int")
+    if isinstance(groups, str) and groups not in GROUP_PRESETS:
+        raise ValueError(f"groups={groups!r}: expected one of {GROUP_PRESETS} or a mapping")
+
+
+def _assign_rings(paths_shapes: list[tuple[tuple[str, ...], tuple[int, ...]]],
+                  chosen: list[bool], groups: str | Mapping[str, str],
+                  select: Any) -> tuple[list[str | None], dict[str, int]]:
+    """Each leaf's ring (None if not generated) and each ring's generated weights, in the
+    order of first use."""
+    rings_of: list[str | None] = []
+    lengths: dict[str, int] = {}
+    for (path, shape), pick in zip(paths_shapes, chosen, strict=True):
+        ring = _group_of(groups, path) if pick else None
+        if ring is not None:
+            lengths[ring] = lengths.get(ring, 0) + math.prod(shape)
+        rings_of.append(ring)
+    if not lengths:
+        raise ValueError(
+            f"select={select!r} matches no parameter. Presets: {SELECT_PRESETS} ('auto' "
+            "generates kernels inside sub-modules, or all kernels but the first and last), "
+            "or pass a regex on the paths or a predicate f(path, shape). Parameter paths: "
+            f"{[path_name(p) for p, _ in paths_shapes[:12]]}"
+            f"{' ...' if len(paths_shapes) > 12 else ''}"
+        )
+    return rings_of, lengths
+
+
+def _init_scales(init: str, pairs: list, fans: list, rings_of: list[str | None],
+                 lengths: dict[str, int], ring_fan: int
+                 ) -> tuple[str, dict[str, float], list[float]]:
+    """The resolved init rule, each ring's std and each leaf's scale c_i (see make_spec)."""
+    sizes = [math.prod(np.shape(leaf)) for _, leaf in pairs]
+    measured = [_measured_std(leaf) if ring else None
+                for (_, leaf), ring in zip(pairs, rings_of, strict=True)]
+    if init == "auto":
+        init = "paper" if all(
+            _fits_paper_rule(f, size, m)
+            for size, f, m, ring in zip(sizes, fans, measured, rings_of, strict=True) if ring
+        ) else "model"
+    if init == "paper":
+        ring_std = dict.fromkeys(lengths, _paper_ring_std(ring_fan))
+        return init, ring_std, [math.sqrt(ring_fan / f.fan_out) for f in fans]
+    target = [m if m is not None else f.lecun_std for m, f in zip(measured, fans, strict=True)]
+    power = dict.fromkeys(lengths, 0.0)
+    for size, t, ring in zip(sizes, target, rings_of, strict=True):
+        if ring:
+            power[ring] += size * t * t
+    ring_std = {r: math.sqrt(power[r] / lengths[r]) for r in lengths}
+    scales = [t / ring_std[ring] if ring else 1.0 for t, ring in zip(target, rings_of, strict=True)]
+    return init, ring_std, scales
+
+
 def make_spec(
     params_or_shapes: Any,
     ring_size: int | float | Mapping[str, int | float],
@@ -360,64 +420,21 @@ def make_spec(
       in_axes: {regex on the path: number of leading input axes} for ``DenseGeneral`` /
         ``LinearGeneral`` kernels, whose fans cannot be told from their shape.
     """
-    if mode not in MODES:
-        hint = " (for given tables use spec_from_tables)" if mode == "explicit" else ""
-        raise ValueError(f"mode={mode!r}: expected one of {MODES}{hint}")
-    if init not in INIT_RULES:
-        raise ValueError(f"init={init!r}: expected one of {INIT_RULES}")
-    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
-        raise ValueError(f"seed={seed!r}: expected a non-negative int")
-    if isinstance(groups, str) and groups not in GROUP_PRESETS:
-        raise ValueError(f"groups={groups!r}: expected one of {GROUP_PRESETS} or a mapping")
+    _check_spec_args(mode, init, seed, groups)
     pairs = flatten_params(params_or_shapes)
     if not pairs:
         raise ValueError("params_or_shapes has no leaves")
     paths_shapes = [(path, tuple(int(s) for s in np.shape(leaf))) for path, leaf in pairs]
     fans = all_fans(paths_shapes, in_axes)
-    chosen = _selection(select, paths_shapes)
-
-    rings_of: list[str | None] = []
-    lengths: dict[str, int] = {}
-    for (path, shape), pick in zip(paths_shapes, chosen, strict=True):
-        ring = _group_of(groups, path) if pick else None
-        if ring is not None:
-            lengths[ring] = lengths.get(ring, 0) + math.prod(shape)
-        rings_of.append(ring)
-    if not lengths:
-        raise ValueError(
-            f"select={select!r} matches no parameter. Presets: {SELECT_PRESETS} ('auto' "
-            "generates kernels inside sub-modules, or all kernels but the first and last), "
-            "or pass a regex on the paths or a predicate f(path, shape). Parameter paths: "
-            f"{[path_name(p) for p, _ in pairs[:12]]}{' ...' if len(pairs) > 12 else ''}"
-        )
+    rings_of, lengths = _assign_rings(paths_shapes, _selection(select, paths_shapes), groups,
+                                      select)
     sizes = _ring_sizes(ring_size, lengths)
     for r, n in sizes.items():
         if n > lengths[r]:
             raise ValueError(
                 f"ring {r!r}: size {n} is larger than its {lengths[r]} generated weights"
             )
-
-    measured = [_measured_std(leaf) if ring else None
-                for (_, leaf), ring in zip(pairs, rings_of, strict=True)]
-    if init == "auto":
-        init = "paper" if all(
-            _fits_paper_rule(f, math.prod(shape), m)
-            for (_, shape), f, m, ring in zip(paths_shapes, fans, measured, rings_of, strict=True)
-            if ring
-        ) else "model"
-    if init == "paper":
-        ring_std = dict.fromkeys(lengths, _paper_ring_std(ring_fan))
-        scales = [math.sqrt(ring_fan / f.fan_out) for f in fans]
-    else:
-        target = [m if m is not None else f.lecun_std
-                  for m, f in zip(measured, fans, strict=True)]
-        power = dict.fromkeys(lengths, 0.0)
-        for (_, shape), t, ring in zip(paths_shapes, target, rings_of, strict=True):
-            if ring:
-                power[ring] += math.prod(shape) * t * t
-        ring_std = {r: math.sqrt(power[r] / lengths[r]) for r in lengths}
-        scales = [t / ring_std[ring] if ring else 1.0
-                  for t, ring in zip(target, rings_of, strict=True)]
+    init, ring_std, scales = _init_scales(init, pairs, fans, rings_of, lengths, ring_fan)
 
     offsets = dict.fromkeys(lengths, 0)
     leaves = []
