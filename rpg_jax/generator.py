@@ -332,6 +332,37 @@ def generate_params(bank: Bank, spec: RPGSpec, tables: Tables | None = None) -> 
     argument. The gradient is a gather through the inverse tables when ``tables`` have them,
     else a scatter-add through the forward tables (same values up to summation order).
     With ``make_tables(spec, where="device")`` the same indices are computed in the step.
+
+    Args:
+      bank: the trainable pytree of ``init_bank`` (or of a restored checkpoint).
+      spec: the static spec (hashable: pass it as a static argument of ``jax.jit``).
+      tables: the index tables of ``make_tables(spec, ...)``; None makes host tables once
+        per spec and caches them.
+
+    Returns:
+      The params tree to give the model (``model.apply({"params": ...}, x)``).
+
+    Examples:
+      >>> import flax.linen as nn, jax, jax.numpy as jnp
+      >>> import rpg_jax
+      >>> class MLP(nn.Module):
+      ...   @nn.compact
+      ...   def __call__(self, x):
+      ...     for width in (64, 64, 64):
+      ...       x = nn.relu(nn.Dense(width)(x))
+      ...     return nn.Dense(10)(x)
+      >>> model = MLP()
+      >>> params = model.init(jax.random.key(0), jnp.zeros((1, 784)))["params"]
+      >>> spec = rpg_jax.make_spec(params, ring_size=500)
+      >>> bank = rpg_jax.init_bank(jax.random.key(1), spec, params)
+      >>> tables = rpg_jax.make_tables(spec)
+      >>> @jax.jit
+      ... def loss(bank, tables, x, y):
+      ...   logits = model.apply({"params": rpg_jax.generate_params(bank, spec, tables)}, x)
+      ...   return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], 1))
+      >>> grads = jax.grad(loss)(bank, tables, jnp.ones((4, 784)), jnp.arange(4))
+      >>> grads["rings"]["ring"].shape  # one gradient per ring entry, shared by its weights
+      (500,)
     """
     _check_bank(bank, spec)
     if tables is None:
@@ -361,8 +392,31 @@ def generate_params(bank: Bank, spec: RPGSpec, tables: Tables | None = None) -> 
 
 
 def init_bank(key: jax.Array, spec: RPGSpec, params: Any) -> Bank:
-    """A fresh bank: ring r ~ Normal(0, r.std), free params taken from ``params`` (Linen
-    dicts or NNX, as for ``make_spec``)."""
+    """A fresh bank: ring r ~ Normal(0, r.std), free params taken from ``params``.
+
+    Args:
+      key: PRNG key of the rings (ring i draws from ``fold_in(key, i)``).
+      spec: the spec made from ``params``' structure.
+      params: the model's initialised params (Linen dicts or NNX, as for ``make_spec``);
+        their generated leaves are only checked for shape, not used.
+
+    Returns:
+      ``{"rings": {ring name: float32[ring size]}, "free": nested dict of the free params}``,
+      the trainable pytree (give it to the optimizer).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> import rpg_jax
+      >>> params = {"stem": {"kernel": jnp.ones((3, 3, 1, 16))},
+      ...           "block": {"conv": {"kernel": jnp.ones((3, 3, 16, 16))}},
+      ...           "head": {"kernel": jnp.ones((16, 10)), "bias": jnp.zeros(10)}}
+      >>> spec = rpg_jax.make_spec(params, ring_size=0.25)  # a quarter of the generated weights
+      >>> bank = rpg_jax.init_bank(jax.random.key(0), spec, params)
+      >>> jax.tree.map(jnp.shape, bank["rings"])
+      {'ring': (576,)}
+      >>> jax.tree.map(jnp.shape, bank["free"])  # every leaf the spec does not generate
+      {'head': {'bias': (10,), 'kernel': (16, 10)}, 'stem': {'kernel': (3, 3, 1, 16)}}
+    """
     flat = dict(flatten_params(params))
     for leaf in spec.leaves:
         if leaf.path not in flat:

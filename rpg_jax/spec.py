@@ -419,6 +419,28 @@ def make_spec(
       ring_fan: the fan of the paper rule's ring std.
       in_axes: {regex on the path: number of leading input axes} for ``DenseGeneral`` /
         ``LinearGeneral`` kernels, whose fans cannot be told from their shape.
+
+    Returns:
+      An ``RPGSpec``: frozen and hashable, so it can be a static argument of ``jax.jit``.
+      It holds no arrays; the index map is derived from it (``make_tables``).
+
+    Examples:
+      >>> import flax.linen as nn, jax, jax.numpy as jnp
+      >>> import rpg_jax
+      >>> class MLP(nn.Module):
+      ...   @nn.compact
+      ...   def __call__(self, x):
+      ...     for width in (64, 64, 64):
+      ...       x = nn.relu(nn.Dense(width)(x))
+      ...     return nn.Dense(10)(x)
+      >>> params = MLP().init(jax.random.key(0), jnp.zeros((1, 784)))["params"]
+      >>> spec = rpg_jax.make_spec(params, ring_size=500)
+      >>> [leaf.name for leaf in spec.generated]  # "auto": all kernels but the first and last
+      ['Dense_1/kernel', 'Dense_2/kernel']
+      >>> spec.rings, spec.init
+      ((RingSpec(name='ring', size=500, length=8192, std=0.12...),), 'model')
+      >>> rpg_jax.count(spec)  # trainable = ring_dof + free
+      ParamCount(ring_dof=500, free=51018, generated=8192)
     """
     _check_spec_args(mode, init, seed, groups)
     pairs = flatten_params(params_or_shapes)
