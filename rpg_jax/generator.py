@@ -345,15 +345,11 @@ def generate_params(bank: Bank, spec: RPGSpec, tables: Tables | None = None) -> 
     Examples:
       >>> import flax.linen as nn, jax, jax.numpy as jnp
       >>> import rpg_jax
-      >>> class MLP(nn.Module):
-      ...   @nn.compact
-      ...   def __call__(self, x):
-      ...     for width in (64, 64, 64):
-      ...       x = nn.relu(nn.Dense(width)(x))
-      ...     return nn.Dense(10)(x)
-      >>> model = MLP()
+      >>> model = nn.Sequential([nn.Dense(64), nn.relu, nn.Dense(64), nn.relu, nn.Dense(10)])
       >>> params = model.init(jax.random.key(0), jnp.zeros((1, 784)))["params"]
       >>> spec = rpg_jax.make_spec(params, ring_size=500)
+      >>> [leaf.name for leaf in spec.generated]
+      ['layers_2/kernel']
       >>> bank = rpg_jax.init_bank(jax.random.key(1), spec, params)
       >>> tables = rpg_jax.make_tables(spec)
       >>> @jax.jit
