@@ -494,6 +494,17 @@ def _as_step(step: Any) -> int | None:
                         "latest)") from None
 
 
+def _open_reader(workdir: str, retries: int) -> ocp.CheckpointManager:
+    """A read-only manager; retried when a live run removes a step while Orbax lists the
+    steps (the manager stats every step directory as it opens)."""
+    for attempt in range(retries):
+        try:
+            return make_manager(workdir, read_only=True)
+        except FileNotFoundError:
+            time.sleep(0.05 * (attempt + 1))
+    return make_manager(workdir, read_only=True)
+
+
 def load_checkpoint(workdir: str, step: int | None = None, retries: int = 5) -> TrainedModel:
     """Loads a run's checkpoint (the latest by default) onto the default device.
 
@@ -509,7 +520,7 @@ def load_checkpoint(workdir: str, step: int | None = None, retries: int = 5) -> 
         raise FileNotFoundError(f"no checkpoints in {workdir!r} (expected {ckpt_dir!r})")
     skipped: set[int] = set()
     for attempt in range(retries + 1):
-        manager = make_manager(workdir, read_only=True)
+        manager = _open_reader(workdir, retries)
         try:
             available = [s for s in manager.all_steps() if s not in skipped]
             if not available:

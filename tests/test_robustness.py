@@ -453,6 +453,28 @@ def test_load_checkpoint_in_a_loop_beside_a_rotating_run_never_fails(tmp_path, c
     assert loaded == sorted(loaded)
 
 
+def test_load_checkpoint_retries_when_a_step_vanishes_while_orbax_lists_them(finished):
+    # What CI saw beside a rotating run: Orbax's CheckpointManager stats every step directory
+    # as it opens, and a step removed between its listing and its stat raised out of
+    # load_checkpoint (FileNotFoundError: .../checkpoints/104).
+    opened = []
+    real = checkpoints.make_manager
+
+    def flaky(workdir, **kwargs):
+        opened.append(workdir)
+        if len(opened) == 1:
+            raise FileNotFoundError(2, "No such file or directory", f"{workdir}/checkpoints/6")
+        return real(workdir, **kwargs)
+
+    with mock.patch.object(checkpoints, "make_manager", flaky):
+        assert checkpoints.load_checkpoint(str(finished[0])).step == 8
+    assert len(opened) == 2
+    with mock.patch.object(checkpoints, "make_manager",
+                           mock.Mock(side_effect=FileNotFoundError("gone"))):
+        with pytest.raises(FileNotFoundError, match="gone"):
+            checkpoints.load_checkpoint(str(finished[0]), retries=2)
+
+
 # ------------------------------------------------------------------------ 6. small edges
 
 
