@@ -2,8 +2,8 @@
 (``rpg_jax.checkpoints.load_checkpoint``), an exported file (``rpg_jax.export.load_export``)
 or the authors' PyTorch checkpoint (``rpg_jax.interop.load_reference_checkpoint``).
 
-Importing it (and building one) needs neither Orbax nor grain; ``predict`` imports the
-input pipeline for the dataset's eval preprocessing.
+Importing it, building one and ``predict`` need neither Orbax nor grain: ``predict`` takes the
+dataset's eval preprocessing from ``rpg_jax.data.catalog``.
 """
 
 from __future__ import annotations

@@ -197,7 +197,7 @@ def test_cli_quantize_and_the_study_reports_import_neither_jax_nor_flax():
     assert result.stdout.strip() == "[]"
 
 
-def test_loading_a_model_imports_neither_orbax_nor_grain(tmp_path):
+def test_loading_a_model_and_predicting_import_neither_orbax_nor_grain(tmp_path):
     result = _python(textwrap.dedent("""
         import sys
         import jax, numpy as np
@@ -218,6 +218,8 @@ def test_loading_a_model_imports_neither_orbax_nor_grain(tmp_path):
                sys.argv[1], "params")
         loaded = load_export(sys.argv[1])
         assert loaded.info == info and loaded.bank is loaded.trainable
+        logits = loaded.predict(np.zeros((3, 32, 32, 3), np.uint8))
+        assert logits.shape == (3, 10), logits.shape
         print([m for m in ("orbax", "grain", "rpg_jax.checkpoints") if m in sys.modules])
     """), str(tmp_path / "model.params"))
     assert result.returncode == 0, result.stderr

@@ -2,7 +2,8 @@
 
 The pipeline's names (``make_train_iterator``, ``dataset_info``, ...) import
 ``rpg_jax.data.pipeline``, and with it grain and Orbax, on first use (PEP 562), so a loaded
-model needs neither: ``DatasetInfo`` and the readers import without them.
+model needs neither: ``DatasetInfo``, the dataset catalog (names, eval preprocessing) and the
+readers import without them.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from rpg_jax.data.augment import (
     random_crop_flip_batch,
     resize_center_crop,
 )
+from rpg_jax.data.catalog import DATASET_NAMES, preprocess_for_eval
 from rpg_jax.data.fashion_mnist import load_fashion_mnist, read_idx
 from rpg_jax.data.info import DatasetInfo
 from rpg_jax.data.jpeg import CorruptImageError
@@ -31,14 +33,12 @@ from rpg_jax.data.sources import (
 
 # the names rpg_jax.data.pipeline defines, bound on first use
 _PIPELINE = (
-    "DATASET_NAMES",
     "DECODERS",
     "ON_CORRUPT",
     "EvalBatches",
     "dataset_info",
     "make_eval_batches",
     "make_train_iterator",
-    "preprocess_for_eval",
     "train_index_batches",
 )
 
@@ -72,14 +72,12 @@ __all__ = [
 
 if TYPE_CHECKING:  # what static tools see; at run time __getattr__ imports on first use
     from rpg_jax.data.pipeline import (
-        DATASET_NAMES,
         DECODERS,
         ON_CORRUPT,
         EvalBatches,
         dataset_info,
         make_eval_batches,
         make_train_iterator,
-        preprocess_for_eval,
         train_index_batches,
     )
 

@@ -1,4 +1,4 @@
-"""Input pipelines: dataset metadata, train iterators, eval batches, predict preprocessing.
+"""Input pipelines: dataset metadata, train iterators and eval batches.
 
 The host produces ``{"image": uint8 [b, H, W, C], "label": int32 [b]}`` batches;
 normalisation ``(x / 255 - mean) / std`` is left to the device, using the
@@ -41,19 +41,18 @@ batch's content does not depend on ``worker_count`` or ``process_count``.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import math
 import os
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grain
 import numpy as np
 from absl import flags
 
-from rpg_jax.data import augment, hashing, jpeg
+from rpg_jax.data import augment, catalog, hashing, jpeg
 from rpg_jax.data.fashion_mnist import load_fashion_mnist
 from rpg_jax.data.info import DatasetInfo
 from rpg_jax.data.sources import (
@@ -70,89 +69,6 @@ DECODERS = ("turbo", "pil", "dali")
 ON_CORRUPT = ("error", "skip")
 _log = logging.getLogger(__name__)
 
-_UNIFORM_MEAN = (0.5, 0.5, 0.5)
-_UNIFORM_STD = (0.2898, 0.2898, 0.2898)  # std of uniform bytes / 255
-
-
-@dataclasses.dataclass(frozen=True)
-class _Spec:
-    kind: str  # "fashion_mnist" | "tfds" | "synthetic"
-    num_classes: int
-    image_shape: tuple[int, int, int]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    train_split: str
-    eval_split: str
-    crop_pad: int | None  # pad of train crop+flip; None: inception crop + resize eval
-    synthetic_sizes: tuple[int, int] = (0, 0)  # default (train, eval) sizes
-
-
-_CIFAR = dict(image_shape=(32, 32, 3), train_split="train", eval_split="test", crop_pad=4)
-_IMAGENET = dict(image_shape=(224, 224, 3), num_classes=1000, crop_pad=None)
-
-_SPECS: dict[str, _Spec] = {
-    # Computed from the 60k training images (see tests/test_data.py).
-    "fashion_mnist": _Spec(
-        kind="fashion_mnist",
-        num_classes=10,
-        image_shape=(28, 28, 1),
-        mean=(0.2860,),
-        std=(0.3530,),
-        train_split="train",
-        eval_split="test",
-        crop_pad=2,
-    ),
-    # CIFAR / ImageNet: the standard published training-set statistics.
-    "cifar10": _Spec(
-        kind="tfds",
-        num_classes=10,
-        mean=(0.4914, 0.4822, 0.4465),
-        std=(0.2470, 0.2435, 0.2616),
-        **_CIFAR,
-    ),
-    "cifar100": _Spec(
-        kind="tfds",
-        num_classes=100,
-        mean=(0.5071, 0.4865, 0.4409),
-        std=(0.2673, 0.2564, 0.2762),
-        **_CIFAR,
-    ),
-    "imagenet2012": _Spec(
-        kind="tfds",
-        mean=(0.485, 0.456, 0.406),
-        std=(0.229, 0.224, 0.225),
-        train_split="train",
-        eval_split="validation",
-        **_IMAGENET,
-    ),
-    "synthetic_cifar": _Spec(
-        kind="synthetic",
-        num_classes=10,
-        mean=_UNIFORM_MEAN,
-        std=_UNIFORM_STD,
-        synthetic_sizes=(50_000, 10_000),
-        **_CIFAR,
-    ),
-    "synthetic_imagenet": _Spec(
-        kind="synthetic",
-        mean=_UNIFORM_MEAN,
-        std=_UNIFORM_STD,
-        train_split="train",
-        eval_split="test",
-        synthetic_sizes=(1_281_167, 50_000),
-        **_IMAGENET,
-    ),
-}
-
-DATASET_NAMES: tuple[str, ...] = tuple(_SPECS)
-
-
-def _spec(name: str) -> _Spec:
-    if name not in _SPECS:
-        raise ValueError(f"Unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
-    return _SPECS[name]
-
-
 def _check_decoding(decoder: str, on_corrupt: str) -> None:
     if decoder not in DECODERS:
         raise ValueError(f"decoder={decoder!r}: expected one of {DECODERS}")
@@ -167,7 +83,7 @@ def _open_sources(
 
     ``encoded``: TFDS image splits are read without decoding (for the JPEG path).
     """
-    spec = _spec(name)
+    spec = catalog.entry(name)
     if synthetic_size is not None and spec.kind != "synthetic":
         raise ValueError(f"synthetic_size only applies to synthetic_* datasets, not {name!r}")
     if spec.kind == "fashion_mnist":
@@ -194,7 +110,7 @@ def dataset_info(
     name: str, data_dir: PathLike | None = None, *, synthetic_size: int | None = None
 ) -> DatasetInfo:
     """Returns :class:`DatasetInfo` for ``name``; raises early on a bad name or missing data."""
-    spec = _spec(name)
+    spec = catalog.entry(name)
     train, evaluation = _open_sources(name, data_dir, synthetic_size)
     return DatasetInfo(
         name=name,
@@ -374,7 +290,7 @@ def _train_dataset(
     if seed < 0:
         raise ValueError(f"seed must be non-negative, got {seed}")
     _check_decoding(decoder, on_corrupt)
-    spec = _spec(name)
+    spec = catalog.entry(name)
     source, _ = _open_sources(name, data_dir, synthetic_size, encoded=True)
     if len(source) == 0:
         raise ValueError(f"{name!r} train split is empty")
@@ -432,7 +348,7 @@ def make_train_iterator(
     )
     # Small images: numpy-bound, little to gain from threads beyond overlap with
     # the train step. ImageNet: JPEG decoding and resizing release the GIL.
-    threads, buffered = (16, 16) if _spec(name).crop_pad is None else (2, 8)
+    threads, buffered = (16, 16) if catalog.entry(name).crop_pad is None else (2, 8)
     options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=buffered)
     return iter(_with_workers(ds.to_iter_dataset(options), worker_count))
 
@@ -519,14 +435,6 @@ class EvalBatches:
         return iter(_with_workers(ds.to_iter_dataset(options), self.worker_count))
 
 
-def _eval_transform(name: str) -> Callable[[np.ndarray], np.ndarray] | None:
-    """Per-image eval transform, or None when images are used as stored."""
-    size = _spec(name).image_shape[0]
-    if _spec(name).crop_pad is None:
-        return functools.partial(augment.resize_center_crop, resize=256, size=size)
-    return None
-
-
 def make_eval_batches(
     name: str,
     *,
@@ -549,36 +457,12 @@ def make_eval_batches(
     """
     per_host = _check_sharding(global_batch_size, process_index, process_count)
     _check_decoding(decoder, on_corrupt)
-    spec = _spec(name)
+    spec = catalog.entry(name)
     _, source = _open_sources(name, data_dir, synthetic_size, encoded=True)
     reader = None
     if spec.crop_pad is None:
         reader = _ImageReader(source, spec.image_shape[0], decoder, on_corrupt)
     return EvalBatches(
-        source, _eval_transform(name), spec.image_shape, per_host, process_index, process_count,
-        reader, worker_count,
+        source, catalog.eval_transform(name), spec.image_shape, per_host, process_index,
+        process_count, reader, worker_count,
     )
-
-
-def preprocess_for_eval(name: str, images: np.ndarray | Sequence[Any]) -> np.ndarray:
-    """Applies the host eval transform to raw images as the dataset stores them.
-
-    ``images`` is a uint8 array [N, H, W, C] (or [N, H, W] for one channel) or
-    a sequence of HxWxC uint8 arrays / encoded JPEG or PNG bytes (ImageNet images
-    may differ in size). Returns uint8 [N, *image_shape] ready for normalisation.
-    """
-    spec = _spec(name)
-    if isinstance(images, np.ndarray):
-        if images.ndim == 3 and spec.image_shape[-1] == 1:
-            images = images[..., None]
-        if images.ndim != 4:
-            raise ValueError(f"expected a batch [N, H, W, C] of images, got shape {images.shape}")
-    transform = _eval_transform(name) or (lambda image: image)
-    out = [transform(to_uint8_image(image)) for image in images]
-    for image in out:
-        if image.shape != spec.image_shape:
-            raise ValueError(
-                f"{name!r} expects images of shape {spec.image_shape} after preprocessing, "
-                f"got {image.shape}"
-            )
-    return np.stack(out) if out else np.zeros((0, *spec.image_shape), np.uint8)
