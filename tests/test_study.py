@@ -550,3 +550,42 @@ def test_fashion_mnist_study_list(fmnist, tmp_path, capsys):
                "--list") == 0
     text = capsys.readouterr().out
     assert "26 runs (0 finished)" in text and "not started" in text
+
+
+def test_fashion_mnist_long_study_runs_and_arms():
+    if not FMNIST_DIR.is_dir():
+        pytest.skip(f"no Fashion-MNIST in {FMNIST_DIR}")
+    long = study.load_study(REPO / "studies" / "fashion_mnist_long.py")
+    assert [r.name for r in long.runs] == [
+        f"{n}_s{s}" for s in (0, 1)
+        for n in ("plain", "rpg_ring15100", "rpg_resnet32_ring15100")]
+    for run in long.runs:
+        c = run.config
+        assert c.num_epochs == 10.0 and c.eval_every_steps == c.checkpoint_every_steps == 234
+        assert c.model == run.tags["model"] and c.seed == c.rpg.seed == run.tags["seed"]
+    for exp in long.experiments:
+        for label, where in exp.filters().items():
+            members = [r for r in long.runs if report.matches(r, where)]
+            assert sorted(r.tags["seed"] for r in members) == [0, 1], (exp.name, label)
+
+
+def test_fashion_mnist_record_study_fills_each_budget_exactly():
+    if not FMNIST_DIR.is_dir():
+        pytest.skip(f"no Fashion-MNIST in {FMNIST_DIR}")
+    record = study.load_study(REPO / "studies" / "fashion_mnist_record.py")
+    assert [r.name for r in record.runs] == [
+        "rpg_30k_ring27638_s0", "plain_30k_w0.32_s0", "rpg_100k_ring97638_s0",
+        "plain_100k_w0.6_s0"]
+    trainable = [study.param_counts(r.config)["trainable"] for r in record.runs]
+    assert trainable == [30_000, 27_095, 100_000, 97_163]
+    # the plain width is the widest in steps of 0.01 within the budget
+    assert plain_trainable(0.33) > 30_000 and plain_trainable(0.61) > 100_000
+    for run in record.runs:
+        c = run.config
+        assert c.num_epochs == 20.0 and c.eval_every_steps == 0  # test set seen once
+        assert c.checkpoint_every_steps == -1 and c.seed == c.rpg.seed == 0
+        assert (c.batch_size, c.learning_rate, c.lr_schedule) == (128, 0.1, "cosine")
+        assert c.label_smoothing == 0 and c.ema_decay == 0 and c.mixup_alpha == 0
+    for exp in record.experiments:
+        for label, where in exp.filters().items():
+            assert len([r for r in record.runs if report.matches(r, where)]) == 1, label
