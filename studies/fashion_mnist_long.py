@@ -18,7 +18,7 @@ half epoch (234 steps). Seed ``s`` sets the training seed and the RPG index seed
 * e6_convergence_long (curves): plain ResNet-20 vs RPG ResNet-20 ring A vs RPG ResNet-32
   ring A, test top-1 every half epoch.
 * rpg_vs_plain_long (comparison): RPG ResNet-20 ring A vs the plain ResNet-20 (272,186
-  trainable), the cost of 18x fewer trainable parameters at 10 epochs.
+  trainable), the cost of 15.6x fewer trainable parameters at 10 epochs.
 """
 
 from __future__ import annotations
