@@ -14,7 +14,7 @@ import dataclasses
 import json
 import re
 import textwrap
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import ml_collections
@@ -87,6 +87,12 @@ def _new_figure(ncols: int = 1):
     return fig, list(axes[0])
 
 
+def _table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
+    """The lines of a markdown table: ``header``, its rule, then one line per row of cells."""
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    return lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+
+
 def _params_cell(values: Sequence[int]) -> str:
     return " / ".join(f"{v:,}" for v in values) if values else "-"
 
@@ -135,15 +141,13 @@ class Scaling:
                 "fit_ring_dof": fit_ring}
 
     def markdown(self, summary: Mapping[str, Any]) -> str:
-        lines = ["| runs | ring DoF | trainable | n | test error % (mean ± half range) |",
-                 "| --- | --- | --- | --- | --- |"]
-        for s in summary["by_size"]:
-            lines.append(f"| {', '.join(s['runs'])} | {s['ring_dof']:,} | {s['trainable']:,} | "
-                         f"{s['error_pct']['n']} | {_pm(s['error_pct'])} |")
-        for ref in summary["reference"]:
-            lines.append(f"| {ref['label']} (reference, not fitted): {', '.join(ref['runs'])} | "
-                         f"- | {_params_cell(ref['trainable'])} | {ref['error_pct']['n']} | "
-                         f"{_pm(ref['error_pct'])} |")
+        rows = [[", ".join(s["runs"]), f"{s['ring_dof']:,}", f"{s['trainable']:,}",
+                 s["error_pct"]["n"], _pm(s["error_pct"])] for s in summary["by_size"]]
+        rows += [[f"{ref['label']} (reference, not fitted): {', '.join(ref['runs'])}", "-",
+                  _params_cell(ref["trainable"]), ref["error_pct"]["n"], _pm(ref["error_pct"])]
+                 for ref in summary["reference"]]
+        lines = _table(["runs", "ring DoF", "trainable", "n",
+                        "test error % (mean ± half range)"], rows)
         fit = summary["fit"]
         if fit["slope"] is None:
             lines.append(f"\nFit: needs runs of at least two sizes (n = {fit['n']}).")
@@ -184,31 +188,36 @@ class Scaling:
         return fig
 
 
-def _finished_by_arm(runs: Sequence[Run], arms: Mapping[str, Where],
-                     results: Mapping[str, dict]) -> dict[str, list[dict]]:
-    """Per arm label, the results of its finished runs (in the study's order)."""
-    return {label: [results[r.name] for r in runs if matches(r, where) and r.name in results]
-            for label, where in arms.items()}
+@dataclasses.dataclass(frozen=True)
+class _ArmedExperiment:
+    """What Comparison and Curves share: named arms, each a tag filter over the runs."""
+
+    name: str
+    title: str
+    arms: Mapping[str, Where]
+
+    def filters(self) -> dict[str, Where]:
+        return {f"arm {k!r}": v for k, v in self.arms.items()}
+
+    def finished_by_arm(self, runs: Sequence[Run],
+                        results: Mapping[str, dict]) -> dict[str, list[dict]]:
+        """Per arm label, the results of its finished runs (in the study's order)."""
+        return {label: [results[r.name] for r in runs if matches(r, where) and r.name in results]
+                for label, where in self.arms.items()}
 
 
 @dataclasses.dataclass(frozen=True)
-class Comparison:
+class Comparison(_ArmedExperiment):
     """Named arms (label -> tag filter, typically the seeds of one setting): test top-1
     mean ± spread, n and trainable parameters per arm, and each arm's difference to
     ``baseline``."""
 
     kind: ClassVar[str] = "comparison"
-    name: str
-    title: str
-    arms: Mapping[str, Where]
     baseline: str
-
-    def filters(self) -> dict[str, Where]:
-        return {f"arm {k!r}": v for k, v in self.arms.items()}
 
     def summarize(self, runs: Sequence[Run], results: Mapping[str, dict]) -> dict[str, Any]:
         arms = []
-        for label, done in _finished_by_arm(runs, self.arms, results).items():
+        for label, done in self.finished_by_arm(runs, results).items():
             arms.append({"label": label, "runs": [r["name"] for r in done],
                          "top1": [r["eval_top1"] for r in done],
                          "top1_pct": _stats([100 * r["eval_top1"] for r in done]),
@@ -221,14 +230,13 @@ class Comparison:
         return {"baseline": self.baseline, "arms": arms}
 
     def markdown(self, summary: Mapping[str, Any]) -> str:
-        lines = ["| arm | n | trainable | ring DoF | test top-1 % (mean ± half range) | "
-                 f"Δ vs {summary['baseline']} (points) | runs |",
-                 "| --- | --- | --- | --- | --- | --- | --- |"]
-        for a in summary["arms"]:
-            lines.append(f"| {a['label']} | {a['top1_pct']['n']} | {_params_cell(a['trainable'])}"
-                         f" | {_params_cell(a['ring_dof'])} | {_pm(a['top1_pct'])} | "
-                         f"{_num(a['diff_vs_baseline_pct'], '+.2f')} | {', '.join(a['runs'])} |")
-        return "\n".join(lines)
+        header = ["arm", "n", "trainable", "ring DoF", "test top-1 % (mean ± half range)",
+                  f"Δ vs {summary['baseline']} (points)", "runs"]
+        return "\n".join(_table(header, (
+            [a["label"], a["top1_pct"]["n"], _params_cell(a["trainable"]),
+             _params_cell(a["ring_dof"]), _pm(a["top1_pct"]),
+             _num(a["diff_vs_baseline_pct"], "+.2f"), ", ".join(a["runs"])]
+            for a in summary["arms"])))
 
     def figure(self, summary: Mapping[str, Any]) -> Any:
         fig, (ax,) = _new_figure()
@@ -266,21 +274,15 @@ def _curve_stats(curves: Sequence[Sequence[Sequence[float]]],
 
 
 @dataclasses.dataclass(frozen=True)
-class Curves:
+class Curves(_ArmedExperiment):
     """Named arms: test top-1 per evaluation (mean over seeds, spread as a band) and training
     loss vs epoch."""
 
     kind: ClassVar[str] = "curves"
-    name: str
-    title: str
-    arms: Mapping[str, Where]
-
-    def filters(self) -> dict[str, Where]:
-        return {f"arm {k!r}": v for k, v in self.arms.items()}
 
     def summarize(self, runs: Sequence[Run], results: Mapping[str, dict]) -> dict[str, Any]:
         arms = []
-        for label, done in _finished_by_arm(runs, self.arms, results).items():
+        for label, done in self.finished_by_arm(runs, results).items():
             arms.append({"label": label, "runs": [r["name"] for r in done],
                          "top1_pct": _curve_stats([r["eval_curve"] for r in done], 100.0),
                          "train_loss": _curve_stats([r["train_curve"] for r in done], 1.0)})
@@ -288,15 +290,14 @@ class Curves:
 
     def markdown(self, summary: Mapping[str, Any]) -> str:
         epochs = sorted({p["epoch"] for a in summary["arms"] for p in a["top1_pct"]})
-        lines = ["| arm | n | " + " | ".join(f"top-1 % at epoch {e:g}" for e in epochs)
-                 + " | final train loss | runs |",
-                 "| --- | --- | " + "--- | " * len(epochs) + "--- | --- |"]
+        rows = []
         for a in summary["arms"]:
             at = {p["epoch"]: p for p in a["top1_pct"]}
             cells = [_pm(at[e]) if e in at else "-" for e in epochs]
             loss = _pm(a["train_loss"][-1], 4) if a["train_loss"] else "-"
-            lines.append(f"| {a['label']} | {len(a['runs'])} | {' | '.join(cells)} | {loss} | "
-                         f"{', '.join(a['runs'])} |")
+            rows.append([a["label"], len(a["runs"]), *cells, loss, ", ".join(a["runs"])])
+        lines = _table(["arm", "n", *(f"top-1 % at epoch {e:g}" for e in epochs),
+                        "final train loss", "runs"], rows)
         lines.append("\nCells: mean ± half range over the n runs.")
         return "\n".join(lines)
 
@@ -397,15 +398,14 @@ def select_runs(study: Study, only: str | None) -> list[Run]:
 
 def runs_table(results: Mapping[str, dict]) -> str:
     """The markdown table of the runs' results (``runner.collect``), one row a run."""
-    lines = ["| run | tags | ring DoF | trainable | test top-1 % | test top-5 % | test loss | "
-             "epochs | training time | images/s |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    rows = []
     for r in results.values():
-        tags = ", ".join(f"{k}={v}" for k, v in r["tags"].items())
         seconds = r["train_seconds_all"]
-        rate = f"{r['step'] * r['batch_size'] / seconds:.0f}" if seconds else "-"
-        lines.append(f"| {r['name']} | {tags} | {r['params']['ring_dof']:,} | "
-                     f"{r['params']['trainable']:,} | {100 * r['eval_top1']:.2f} | "
-                     f"{100 * r['eval_top5']:.2f} | {r['eval_loss']:.4f} | {r['epochs']:g} | "
-                     f"{seconds / 60:.1f} min | {rate} |")
-    return "\n".join(lines)
+        rows.append([r["name"], ", ".join(f"{k}={v}" for k, v in r["tags"].items()),
+                     f"{r['params']['ring_dof']:,}", f"{r['params']['trainable']:,}",
+                     f"{100 * r['eval_top1']:.2f}", f"{100 * r['eval_top5']:.2f}",
+                     f"{r['eval_loss']:.4f}", f"{r['epochs']:g}", f"{seconds / 60:.1f} min",
+                     f"{r['step'] * r['batch_size'] / seconds:.0f}" if seconds else "-"])
+    return "\n".join(_table(["run", "tags", "ring DoF", "trainable", "test top-1 %",
+                              "test top-5 %", "test loss", "epochs", "training time",
+                              "images/s"], rows))
