@@ -66,6 +66,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.label_smoothing = 0.0  # target = (1 - s) * onehot + s / classes
     c.ema_decay = 0.0  # > 0: keep an EMA of the trainable parameters (e.g. 0.999)
     c.ema_eval = False  # also evaluate the EMA parameters (eval_ema_* records)
+    # ema_eval with BatchNorm: statistics for the EMA weights recomputed over this many train
+    # batches before each EMA evaluation (SWA's update_bn); 0 = the live network's statistics
+    c.ema_bn_batches = 100
     c.mixup_alpha = 0.0  # Beta(alpha, alpha) mixup of each batch with its reverse (0 = off)
     c.cutmix_alpha = 0.0  # Beta(alpha, alpha) CutMix (0 = off)
     c.mix_prob = 1.0  # probability that a batch is mixed (when mixup or CutMix is on)
@@ -131,7 +134,7 @@ RESUME_FREE = (
     "num_train_steps", "log_every_steps", "eval_every_steps", "checkpoint_every_steps",
     "keep_checkpoints", "multihost", "rpg.backward", "rpg.tables", "rpg.remat", "resume_overrides",
     "tensorboard", "wandb.enabled", "wandb.project", "wandb.entity", "wandb.name", "wandb.tags",
-    "profile_steps",
+    "profile_steps", "ema_bn_batches",
 )
 # Every other field changes the data stream (seed, batch_size, synthetic_size, image
 # decoding) or the trained trajectory (learning rate, schedule, decay, momentum, precision):
@@ -400,6 +403,9 @@ def _validate_recipe_knobs(config: ml_collections.ConfigDict) -> None:
         if not 0 <= config[field] <= 1:
             _fail(field, config[field], "a probability in [0, 1]")
     _check_positive_int("grad_accum_steps", config.grad_accum_steps)
+    bn_batches = config.ema_bn_batches
+    if isinstance(bn_batches, bool) or not isinstance(bn_batches, int) or bn_batches < 0:
+        _fail("ema_bn_batches", bn_batches, "a non-negative int (0 = the live statistics)")
     if config.ema_eval and not config.ema_decay > 0:
         _fail("ema_eval", config.ema_eval, "False unless config.ema_decay > 0")
     if config.weight_decay_exclude not in optim.DECAY_EXCLUDE_PRESETS:

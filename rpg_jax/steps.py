@@ -179,6 +179,55 @@ def evaluate(eval_step: Callable, state: TrainState, tables: Any, batches: Itera
             "eval_top5": float(totals["top5"]) / n, "eval_count": int(totals["count"])}
 
 
+def make_batch_stats_step(
+    model: nn.Module,
+    spec: RPGSpec | None,
+    mean: Sequence[float],
+    std: Sequence[float],
+    input_dtype: Any = jnp.float32,
+):
+    """``stats_step(trainable, batch_stats, batch, tables) -> batch_stats``: the BatchNorm
+    statistics after one train-mode forward pass of ``batch`` (nothing else changes)."""
+    to_params = params_fn(spec)
+
+    def stats_step(trainable: Any, batch_stats: Any, batch: dict[str, jax.Array], tables: Any):
+        images = normalize(batch["image"], mean, std, input_dtype)
+        variables = {"params": to_params(trainable, tables), "batch_stats": batch_stats}
+        _, updates = model.apply(variables, images, train=True, mutable=["batch_stats"])
+        return updates["batch_stats"]
+
+    return stats_step
+
+
+def precise_batch_stats(stats_step: Callable, trainable: Any, batch_stats: Any, tables: Any,
+                        batches: Iterable[Any],
+                        to_global: Callable[[Any], Any] = lambda batch: batch) -> Any:
+    """BatchNorm statistics that belong to ``trainable``: each batch's mean and variance
+    averaged over ``batches`` with equal weights, as SWA's ``update_bn`` (PyTorch's
+    ``momentum=None``), for evaluating weights other than the live ones (the EMA).
+
+    ``stats_step`` is the (jitted) step of :func:`make_batch_stats_step`; ``batch_stats``
+    gives the tree's structure (its values are not used). Flax's running update
+    ``s' = m * s + (1 - m) * batch_stat`` is affine in ``s``: a pass from zeros gives
+    ``(1 - m) * batch_stat``, and the first batch's pass from ones gives ``m``, so the result
+    depends neither on the modules' momentum nor on the statistics it starts from.
+    """
+    zeros = jax.tree.map(jnp.zeros_like, batch_stats)
+    total, count, momentum = None, 0, None
+    for batch in batches:
+        batch = to_global(batch)
+        scaled = stats_step(trainable, zeros, batch, tables)
+        if momentum is None:
+            ones = jax.tree.map(jnp.ones_like, batch_stats)
+            momentum = jax.tree.map(lambda a, b: a - b,
+                                    stats_step(trainable, ones, batch, tables), scaled)
+        total = scaled if total is None else jax.tree.map(lambda a, b: a + b, total, scaled)
+        count += 1
+    if total is None:
+        raise ValueError("precise_batch_stats: no batches")
+    return jax.tree.map(lambda t, m: t / (count * (1.0 - m)), total, momentum)
+
+
 def init_state(trainable: Any, batch_stats: Any, tx: optax.GradientTransformation) -> TrainState:
     """A step-0 train state."""
     return TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable,

@@ -9,6 +9,7 @@ returns cleanly.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging as std_logging
 import os
@@ -228,10 +229,32 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,  # noqa
     profiler = profiling.StepProfiler(config_lib.profile_window(config), workdir, num_steps)
     cleanup.callback(profiler.stop)  # an error inside the window still ends the trace
 
+    recalibrate = config.ema_eval and config.ema_bn_batches > 0 and bool(
+        jax.tree.leaves(state.batch_stats))
+    if recalibrate:
+        stats_step = jax.jit(steps.make_batch_stats_step(
+            exp.model, exp.spec, info.mean, info.std, exp.compute_dtype), out_shardings=replicated)
+
+    def ema_state() -> steps.TrainState:
+        """The EMA parameters, with BatchNorm statistics recomputed for them over the first
+        ``ema_bn_batches`` batches of a fresh train stream (the same ones at every eval; the
+        run's own stream is not touched), or else with the live statistics."""
+        ema = state.replace(trainable=optim.ema_params(state.opt_state, config.ema_decay))
+        if not recalibrate:
+            return ema
+        stream = data.make_train_iterator(
+            config.dataset, global_batch_size=config.batch_size, seed=config.seed,
+            data_dir=data_dir, process_index=pid, process_count=nproc,
+            worker_count=config.worker_count, synthetic_size=synthetic_size,
+            decoder=config.image_decoder, on_corrupt=config.on_corrupt_image)
+        batches = itertools.islice(stream, config.ema_bn_batches)
+        return ema.replace(batch_stats=steps.precise_batch_stats(
+            stats_step, ema.trainable, ema.batch_stats, tables, batches, to_global))
+
     def run_eval() -> dict[str, float]:
         result = evaluate(eval_step, state, tables, eval_batches, to_global, config.eval_steps)
-        if config.ema_eval:  # the EMA parameters with the live BatchNorm statistics
-            ema = state.replace(trainable=optim.ema_params(state.opt_state, config.ema_decay))
+        if config.ema_eval:
+            ema = ema_state()
             ema_result = evaluate(eval_step, ema, tables, eval_batches, to_global,
                                   config.eval_steps)
             result.update({k.replace("eval_", "eval_ema_"): v for k, v in ema_result.items()})

@@ -231,6 +231,7 @@ def test_an_optax_schedule_by_name_with_the_run_placeholders():
     ({"label_smoothing": 1.0}, r"config\.label_smoothing=1\.0: expected a number in \[0, 1\)"),
     ({"ema_decay": -0.1}, r"config\.ema_decay=-0\.1"),
     ({"ema_eval": True}, r"config\.ema_eval=True: expected False unless config\.ema_decay"),
+    ({"ema_bn_batches": -1}, r"config\.ema_bn_batches=-1: expected a non-negative int"),
     ({"grad_accum_steps": 0}, r"config\.grad_accum_steps=0: expected a positive int"),
     ({"grad_clip_norm": -1.0}, r"config\.grad_clip_norm=-1\.0"),
     ({"mix_prob": 1.5}, r"config\.mix_prob=1\.5: expected a probability"),
@@ -311,6 +312,79 @@ def test_the_train_step_trains_on_the_mixed_batch_of_its_seed_and_step():
     unmixed = float(jnp.mean(steps.soft_cross_entropy(
         Linear().apply({"params": state.trainable}, x), targets)))
     assert abs(want - unmixed) > 1e-3
+
+
+class DenseBN(nn.Module):
+    """Dense then BatchNorm with a chosen momentum: its statistics are easy to compute."""
+
+    momentum: float = 0.9
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.Dense(3)(x.reshape((x.shape[0], -1)))
+        return nn.BatchNorm(use_running_average=not train, momentum=self.momentum)(x)
+
+
+def test_precise_batch_stats_average_each_batch_moments_whatever_the_momentum_or_start():
+    batches = [batch_of(8, seed=i) for i in range(5)]
+    params = DenseBN().init(jax.random.key(0), jnp.zeros((1, 4, 4, 3)))["params"]
+    hidden = [np.asarray(steps.normalize(b["image"], MEAN, STD)).reshape(8, -1)
+              @ np.asarray(params["Dense_0"]["kernel"]) + np.asarray(params["Dense_0"]["bias"])
+              for b in batches]
+    want_mean = np.mean([h.mean(0) for h in hidden], axis=0)
+    want_var = np.mean([h.var(0) for h in hidden], axis=0)
+    start = {"BatchNorm_0": {"mean": jnp.full(3, 7.0), "var": jnp.full(3, 5.0)}}
+    for momentum in (0.9, 0.99):
+        stats_step = jax.jit(steps.make_batch_stats_step(DenseBN(momentum), None, MEAN, STD))
+        got = steps.precise_batch_stats(stats_step, params, start, None, iter(batches))
+        np.testing.assert_allclose(got["BatchNorm_0"]["mean"], want_mean, rtol=2e-4, atol=1e-5)
+        np.testing.assert_allclose(got["BatchNorm_0"]["var"], want_var, rtol=2e-4, atol=1e-5)
+    # a running average over the same batches (what the train step keeps) is not that
+    running = start
+    for b in batches:
+        running = stats_step(params, running, b, None)
+    assert not np.allclose(running["BatchNorm_0"]["mean"], want_mean, rtol=1e-2)
+    with pytest.raises(ValueError, match="no batches"):
+        steps.precise_batch_stats(stats_step, params, start, None, iter([]))
+
+
+def test_ema_eval_recomputes_batch_stats_without_touching_the_run(tmp_path):
+    """ema_bn_batches changes only the eval_ema_* records: the trajectory, the live eval and
+    the checkpoint are those of the run with the live statistics; the EMA records equal an
+    evaluation by hand with statistics over the first batches of a fresh train stream."""
+    from test_train import saved_state
+
+    from rpg_jax import data, experiment
+    from rpg_jax.generator import make_tables
+
+    runs = {}
+    for n in (0, 3):
+        config = tiny_config(ema_decay=0.5, ema_eval=True, ema_bn_batches=n)
+        train_and_evaluate(config, str(tmp_path / f"bn{n}"))
+        runs[n] = [r for r in read_metrics(str(tmp_path / f"bn{n}"))]
+    live = ("step", "eval_loss", "eval_top1", "eval_top5")
+    assert [runs[3][-1][k] for k in live] == [runs[0][-1][k] for k in live]
+    assert [r.get("train_loss") for r in runs[0]] == [r.get("train_loss") for r in runs[3]]
+    assert runs[3][-1]["eval_ema_loss"] != runs[0][-1]["eval_ema_loss"]
+    jax.tree.map(np.testing.assert_array_equal, saved_state(tmp_path / "bn0"),
+                 saved_state(tmp_path / "bn3"))
+
+    state = saved_state(tmp_path / "bn3")
+    info = data.dataset_info("synthetic_cifar", synthetic_size=256)
+    exp = experiment.build(config, info)
+    tables = make_tables(exp.spec)
+    stream = data.make_train_iterator("synthetic_cifar", global_batch_size=16, seed=0,
+                                      synthetic_size=256)
+    ema = state.replace(trainable=optim.ema_params(state.opt_state, 0.5))
+    stats_step = jax.jit(steps.make_batch_stats_step(exp.model, exp.spec, info.mean, info.std))
+    ema = ema.replace(batch_stats=steps.precise_batch_stats(
+        stats_step, ema.trainable, ema.batch_stats, tables, [next(stream) for _ in range(3)]))
+    eval_step = jax.jit(steps.make_eval_step(exp.model, exp.spec, info.mean, info.std))
+    batches = data.make_eval_batches("synthetic_cifar", global_batch_size=16,
+                                     synthetic_size=256)
+    by_hand = steps.evaluate(eval_step, ema, tables, batches)
+    np.testing.assert_allclose(runs[3][-1]["eval_ema_loss"], by_hand["eval_loss"], rtol=1e-5)
+    assert runs[3][-1]["eval_ema_top1"] == by_hand["eval_top1"]
 
 
 # ------------------------------------------------------- all knobs in the train loop
