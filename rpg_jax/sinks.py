@@ -153,7 +153,12 @@ class TensorBoardSink:
 
 class WandbSink:
     """One W&B run per workdir (its id in ``WORKDIR/wandb_run.json``), the config as its
-    config. Rows are committed per step, never at or before the last committed step."""
+    config. Rows are committed per step, never at or before the last committed step.
+
+    The file records the last step only once ``finish`` has returned: wandb-core buffers
+    what it is sent (a SIGKILLed job had written nothing of its offline run), so after a
+    kill the rerun logs again every step since the last clean finish (W&B keeps the first
+    value of a step it already has; a resumed run's values are the same anyway)."""
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str):
         self._wandb = _import("wandb.enabled", "wandb")
@@ -202,8 +207,7 @@ class WandbSink:
         step, values = self._pending
         self._pending = None
         self._run.log(values, step=step, commit=True)
-        self.state["step"] = step
-        self._save_state()
+        self.state["step"] = step  # on disk once finish() returns (see the class docstring)
 
     def close(self, failed: bool) -> None:
         if self._run is None:
@@ -215,4 +219,5 @@ class WandbSink:
             run, self._run = self._run, None
             with contextlib.suppress(Exception) if failed else contextlib.nullcontext():
                 run.finish(exit_code=1 if failed else 0)
+                self._save_state()
 

@@ -342,6 +342,61 @@ def test_hard_stop_past_the_checkpoint_then_rerun_is_one_continuous_run(runs):
     assert drop(tb_scalars(workdir)) == drop(tb_scalars(ref_dir))
 
 
+@pytest.mark.slow
+def test_sigkill_of_the_job_past_the_checkpoint_then_rerun_is_one_continuous_run(
+        runs, tmp_path, compile_cache):
+    """As a cluster kills a job: SIGKILL to its whole process group (train.py's process and
+    W&B's wandb-core service) with step 6 logged past checkpoint 4, then a rerun."""
+    import os
+    import signal
+
+    from test_train import _summary_line, _tail, _wait_for, _worker_cmd, subprocess_env
+
+    workdir, marker = tmp_path / "run", tmp_path / "paused"
+    env = subprocess_env(compile_cache)  # with the W&B variables of the wandb_offline fixture
+    # Not this pytest process's wandb-core (its address is in WANDB_SERVICE once an earlier
+    # test ran W&B here): the job starts its own, which dies with it as on a cluster.
+    env.pop("WANDB_SERVICE", None)
+    cmd = _worker_cmd(workdir, sink_config(), pause_at_step=7, after_checkpoint=4,
+                      marker=marker)
+    with open(tmp_path / "killed.err", "w") as err:
+        proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL,
+                                stderr=err, start_new_session=True)
+        try:
+            _wait_for(marker.exists, proc, 300, "step 7", tmp_path / "killed.err")
+            os.killpg(proc.pid, signal.SIGKILL)
+            assert proc.wait(timeout=60) == -signal.SIGKILL
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert sorted({r["step"] for r in read_metrics(str(workdir))}) == [2, 4, 6]
+    # (the killed TensorBoard file may lag metrics.jsonl: the rerun rewrites it from there)
+    assert max(step for _, step, _ in tb_scalars(workdir)) <= 6
+
+    done = subprocess.run(_worker_cmd(workdir, sink_config()), env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, _tail(done.stderr)
+    assert _summary_line(done.stdout)["step"] == 8
+    ref_dir, _ = runs("reference")
+    assert len(tb_event_files(workdir)) == 1
+    assert_tb_equals_metrics(workdir)
+    # wandb-core buffers its log (measured: the killed segment held only the file header),
+    # so the rerun logs every step since the last clean finish again; W&B keeps a step's
+    # first value. What matters: one run id and no step lost.
+    segments = wandb_log(workdir)
+    run_id = json.loads((workdir / sinks_lib.WANDB_STATE_FILE).read_text())["id"]
+    assert len(segments) == 2 and {r["id"] for r in segments if r["id"]} == {run_id}
+    first_seen: dict[int, dict] = {}
+    for row in (row for r in segments for row in r["rows"]):
+        first_seen.setdefault(row["step"], row)
+    assert sorted(first_seen) == TRAIN_STEPS
+    assert [sorted(first_seen[r["step"]]) for r in metrics_rows(workdir)] == [
+        sorted(r) for r in metrics_rows(workdir)]
+    drop = lambda rows: [(t, s, v) for t, s, v in rows if t not in TIMING]  # noqa: E731
+    assert drop(tb_scalars(workdir)) == drop(tb_scalars(ref_dir))
+
+
 def test_profile_window_writes_a_trace_of_its_steps(runs):
     workdir, info = runs("reference")
     (trace,) = trace_files(workdir)
