@@ -144,11 +144,16 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,  # noqa
     pid, nproc = jax.process_index(), jax.process_count()
     data_dir = config.data_dir or None
     synthetic_size = config.synthetic_size or None
-    train_iter = data.make_train_iterator(
-        config.dataset, global_batch_size=config.batch_size, seed=config.seed,
-        data_dir=data_dir, process_index=pid, process_count=nproc,
-        worker_count=config.worker_count, synthetic_size=synthetic_size,
-        decoder=config.image_decoder, on_corrupt=config.on_corrupt_image)
+
+    def train_stream():
+        """The run's train batches from the start of the stream (seeded by config.seed)."""
+        return data.make_train_iterator(
+            config.dataset, global_batch_size=config.batch_size, seed=config.seed,
+            data_dir=data_dir, process_index=pid, process_count=nproc,
+            worker_count=config.worker_count, synthetic_size=synthetic_size,
+            decoder=config.image_decoder, on_corrupt=config.on_corrupt_image)
+
+    train_iter = train_stream()
     eval_batches = data.make_eval_batches(
         config.dataset, global_batch_size=config.eval_batch_size or config.batch_size,
         data_dir=data_dir, process_index=pid, process_count=nproc,
@@ -242,12 +247,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,  # noqa
         ema = state.replace(trainable=optim.ema_params(state.opt_state, config.ema_decay))
         if not recalibrate:
             return ema
-        stream = data.make_train_iterator(
-            config.dataset, global_batch_size=config.batch_size, seed=config.seed,
-            data_dir=data_dir, process_index=pid, process_count=nproc,
-            worker_count=config.worker_count, synthetic_size=synthetic_size,
-            decoder=config.image_decoder, on_corrupt=config.on_corrupt_image)
-        batches = itertools.islice(stream, config.ema_bn_batches)
+        batches = itertools.islice(train_stream(), config.ema_bn_batches)
         return ema.replace(batch_stats=steps.precise_batch_stats(
             stats_step, ema.trainable, ema.batch_stats, tables, batches, to_global))
 
