@@ -73,6 +73,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.cutmix_alpha = 0.0  # Beta(alpha, alpha) CutMix (0 = off)
     c.mix_prob = 1.0  # probability that a batch is mixed (when mixup or CutMix is on)
     c.mix_switch_prob = 0.5  # with both on: probability of CutMix instead of mixup
+    # random erasing (Zhong et al. 2017): erase one random box per example with this
+    # probability (0 = off; the paper uses 0.5), area 2-40% of the image, aspect 0.3-3.3
+    c.random_erase_prob = 0.0
+    c.random_erase_fill = "random"  # "random": uniform random pixels (RE-R); "mean": RE-M
     c.half_precision = False  # bfloat16 compute, float32 params and optimizer state
     c.log_every_steps = 50  # train steps per metrics record (and log line)
     c.eval_every_steps = -1  # -1: once per epoch; 0: only at the end
@@ -389,8 +393,8 @@ def _validate_optimization(config: ml_collections.ConfigDict) -> None:
 
 
 def _validate_recipe_knobs(config: ml_collections.ConfigDict) -> None:
-    """Regularisation, mixing, accumulation, EMA and the weight-decay mask."""
-    from rpg_jax import optim
+    """Regularisation, mixing, erasing, accumulation, EMA and the weight-decay mask."""
+    from rpg_jax import erasing, optim
 
     for field in ("weight_decay", "warmup_epochs", "momentum", "grad_clip_norm", "mixup_alpha",
                   "cutmix_alpha"):
@@ -399,9 +403,11 @@ def _validate_recipe_knobs(config: ml_collections.ConfigDict) -> None:
     for field in ("label_smoothing", "ema_decay"):
         if not 0 <= config[field] < 1:
             _fail(field, config[field], "a number in [0, 1)")
-    for field in ("mix_prob", "mix_switch_prob"):
+    for field in ("mix_prob", "mix_switch_prob", "random_erase_prob"):
         if not 0 <= config[field] <= 1:
             _fail(field, config[field], "a probability in [0, 1]")
+    if config.random_erase_fill not in erasing.FILLS:
+        _fail("random_erase_fill", config.random_erase_fill, f"one of {erasing.FILLS}")
     _check_positive_int("grad_accum_steps", config.grad_accum_steps)
     bn_batches = config.ema_bn_batches
     if isinstance(bn_batches, bool) or not isinstance(bn_batches, int) or bn_batches < 0:

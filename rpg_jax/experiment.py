@@ -17,7 +17,7 @@ import ml_collections
 import optax
 
 from rpg_jax import config as config_lib
-from rpg_jax import mixing, models, optim, steps
+from rpg_jax import erasing, mixing, models, optim, steps
 from rpg_jax.data import DatasetInfo
 from rpg_jax.generator import ParamCount, count, init_bank
 from rpg_jax.spec import RPGSpec, make_spec
@@ -123,11 +123,12 @@ def build(config: ml_collections.ConfigDict, info: DatasetInfo) -> Experiment:
 
 def make_train_step(exp: Experiment):
     """The run's (unjitted) ``train_step(state, batch, tables)``, with its config's loss
-    options (label smoothing, mixup/CutMix)."""
+    options (label smoothing, mixup/CutMix, random erasing)."""
     return steps.make_train_step(exp.model, exp.tx, exp.spec, exp.info.mean, exp.info.std,
                                  exp.lr_fn, exp.compute_dtype,
                                  label_smoothing=exp.config.label_smoothing,
-                                 mixing=mixing.from_config(exp.config), seed=exp.config.seed)
+                                 mixing=mixing.from_config(exp.config),
+                                 erasing=erasing.from_config(exp.config), seed=exp.config.seed)
 
 
 def initial_state(exp: Experiment) -> steps.TrainState:

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from rpg_jax.erasing import Erasing, erase_batch
 from rpg_jax.generator import DeviceTables, generate_params
 from rpg_jax.kernel_remat import remat_kernels
 from rpg_jax.mixing import Mixing, mix_batch
@@ -76,21 +77,28 @@ def make_train_step(
     *,
     label_smoothing: float = 0.0,
     mixing: Mixing | None = None,
+    erasing: Erasing | None = None,
     seed: int = 0,
 ):
     """``train_step(state, batch, tables) -> (state, metrics)``; batch = uint8 images + labels.
 
     The loss is the cross entropy against one-hot targets, smoothed by ``label_smoothing``
-    and mixed by ``mixing`` (mixup/CutMix; its random draws come from ``seed`` and the
-    step). The logged accuracy is against the unmixed labels.
+    and mixed by ``mixing`` (mixup/CutMix), on images randomly erased by ``erasing`` first
+    (per example, as in the paper); the random draws of both come from ``seed`` and the
+    step (the key ``fold_in(key(seed), step)`` mixes, its ``fold_in(..., 1)`` erases). The
+    logged accuracy is against the unmixed labels.
     """
     to_params = params_fn(spec)
     mixing = mixing or Mixing()
+    erasing = erasing or Erasing()
     soft = label_smoothing > 0 or mixing.enabled
 
     def train_step(state: TrainState, batch: dict[str, jax.Array], tables: Any):
         images = normalize(batch["image"], mean, std, input_dtype)
         labels = batch["label"]
+        step_key = jax.random.fold_in(jax.random.key(seed), state.step)
+        if erasing.enabled:
+            images = erase_batch(jax.random.fold_in(step_key, 1), images, erasing, mean, std)
         targets = None
         if soft:
             num_classes = getattr(model, "num_classes", None) or jax.eval_shape(
@@ -98,8 +106,7 @@ def make_train_step(
                                      "batch_stats": state.batch_stats}, images[:1],
                                     train=False)).shape[-1]
             targets = smooth_targets(labels, num_classes, label_smoothing)
-            key = jax.random.fold_in(jax.random.key(seed), state.step)
-            images, targets = mix_batch(key, images, targets, mixing)
+            images, targets = mix_batch(step_key, images, targets, mixing)
 
         def loss_fn(trainable):
             variables = {"params": to_params(trainable, tables), "batch_stats": state.batch_stats}

@@ -1,5 +1,6 @@
 """The recipe knobs: label smoothing, EMA, gradient accumulation, clipping, weight-decay
-masks, optax schedules by name, mixup/CutMix; each against a closed form or a reference."""
+masks, optax schedules by name, mixup/CutMix, random erasing; each against a closed form or a
+reference."""
 
 import math
 import re
@@ -12,7 +13,7 @@ import optax
 import pytest
 
 from rpg_jax import config as config_lib
-from rpg_jax import mixing, optim, steps
+from rpg_jax import erasing, mixing, optim, steps
 from rpg_jax.metrics import read_metrics
 from rpg_jax.train import train_and_evaluate
 from tiny_config import tiny_config
@@ -236,6 +237,9 @@ def test_an_optax_schedule_by_name_with_the_run_placeholders():
     ({"grad_clip_norm": -1.0}, r"config\.grad_clip_norm=-1\.0"),
     ({"mix_prob": 1.5}, r"config\.mix_prob=1\.5: expected a probability"),
     ({"cutmix_alpha": -1.0}, r"config\.cutmix_alpha=-1\.0"),
+    ({"random_erase_prob": 2.0}, r"config\.random_erase_prob=2\.0: expected a probability"),
+    ({"random_erase_fill": "zeros"},
+     r"config\.random_erase_fill='zeros': expected one of \('random', 'mean'\)"),
     ({"weight_decay_exclude": "(bias"}, r"config\.weight_decay_exclude='\(bias'"),
 ])
 def test_bad_recipe_fields_are_named(overrides, pattern):
@@ -312,6 +316,140 @@ def test_the_train_step_trains_on_the_mixed_batch_of_its_seed_and_step():
     unmixed = float(jnp.mean(steps.soft_cross_entropy(
         Linear().apply({"params": state.trainable}, x), targets)))
     assert abs(want - unmixed) > 1e-3
+
+
+# --------------------------------------------------------------------- random erasing
+
+
+def zhong_boxes(rng, n, height, width, prob=0.5, sl=0.02, sh=0.4, r1=0.3, attempts=100):
+    """The paper's Algorithm 1 (Zhong et al. 2017), one example at a time in Python: the
+    slow reference for the distribution of the erased boxes; (h, w) or None per example."""
+    boxes = []
+    for _ in range(n):
+        box = None
+        if rng.uniform() < prob:
+            for _ in range(attempts):
+                area = rng.uniform(sl, sh) * height * width
+                aspect = rng.uniform(r1, 1 / r1)
+                h, w = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+                if h < height and w < width:
+                    box = (h, w)
+                    break
+        boxes.append(box)
+    return boxes
+
+
+def erased_boxes(original, erased):
+    """(h, w) of the one erased rectangle of each example, or None; asserts that the
+    changed pixels of each example form exactly one axis-aligned rectangle."""
+    changed = np.asarray(jnp.any(erased != original, axis=-1))  # (N, H, W)
+    boxes = []
+    for mask in changed:
+        rows, cols = np.nonzero(mask)
+        if rows.size == 0:
+            boxes.append(None)
+            continue
+        h, w = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
+        assert mask.sum() == h * w, "the erased pixels are not one rectangle"
+        boxes.append((int(h), int(w)))
+    return boxes
+
+
+def test_random_erasing_draws_the_boxes_of_the_papers_algorithm():
+    """Per example: erased with probability 0.5, one rectangle whose area and aspect follow
+    Algorithm 1 (compared in distribution with the per-example Python reference)."""
+    n, hw = 4000, 28
+    x = jax.random.uniform(jax.random.key(0), (n, hw, hw, 1)) + 10.0  # far from any fill
+    out = erasing.erase_batch(jax.random.key(1), x, erasing.Erasing(prob=0.5), (0.3,), (0.4,))
+    ours = erased_boxes(x, out)
+    ref = zhong_boxes(np.random.default_rng(0), n, hw, hw)
+    # a fill pixel equal to the original is impossible (x >= 10), so a None is not erased
+    for boxes in (ours, ref):
+        assert abs(sum(b is not None for b in boxes) / n - 0.5) < 0.03  # 4 sigma
+    ours_hw = np.array([b for b in ours if b], float)
+    ref_hw = np.array([b for b in ref if b], float)
+    assert (ours_hw < hw).all() and (ours_hw >= 1).all()
+    area = ours_hw.prod(1) / hw**2
+    assert area.min() >= 0.015 and area.max() <= 0.45  # 2-40%, up to rounding
+    for q in (0.1, 0.5, 0.9):  # the quantiles of area, height and width match the reference
+        np.testing.assert_allclose(np.quantile(ours_hw.prod(1), q),
+                                   np.quantile(ref_hw.prod(1), q), rtol=0.06)
+        np.testing.assert_allclose(np.quantile(ours_hw, q, axis=0),
+                                   np.quantile(ref_hw, q, axis=0), rtol=0.1, atol=1)
+    # the boxes lie inside the image, touch every border, and their centres are unbiased
+    top, left, h, w, done = map(np.asarray, erasing.erase_boxes(
+        jax.random.key(3), n, hw, hw, erasing.Erasing(prob=0.5)))
+    top, left, h, w = top[done], left[done], h[done], w[done]
+    assert top.min() == left.min() == 0 and (top + h).max() == (left + w).max() == hw
+    assert (top + h <= hw).all() and (left + w <= hw).all()
+    for start, size in ((top, h), (left, w)):
+        offset = start + size / 2 - hw / 2
+        assert abs(offset.mean()) < 4 * offset.std() / math.sqrt(offset.size)
+
+
+@pytest.mark.parametrize("fill", ["random", "mean"])
+def test_random_erasing_fills_with_normalised_random_pixels_or_the_mean(fill):
+    mean, std = (0.5, 0.25, 0.125), (0.2, 0.3, 0.4)
+    x = jnp.full((64, 16, 16, 3), 100.0)
+    out = np.asarray(erasing.erase_batch(jax.random.key(2), x,
+                                         erasing.Erasing(prob=1.0, fill=fill), mean, std))
+    erased = out[out != 100.0].reshape(-1)
+    assert erased.size > 64 * 16 * 16 * 3 * 0.02
+    values = out[np.any(out != 100.0, axis=-1)]  # (pixels, 3)
+    if fill == "mean":
+        np.testing.assert_array_equal(values, 0.0)
+        return
+    pixels = values * np.array(std) + np.array(mean)  # back to [0, 1]
+    np.testing.assert_allclose(pixels * 255, np.round(pixels * 255), atol=2e-3)
+    assert pixels.min() >= -1e-6 and pixels.max() <= 1 + 1e-6
+    assert pixels.mean() == pytest.approx(0.5, abs=0.01)  # uniform over 0..255
+    assert abs(np.corrcoef(values[:, 0], values[:, 1])[0, 1]) < 0.05  # channels independent
+
+
+def test_random_erasing_off_or_never_fitting_leaves_the_batch_alone():
+    x = jax.random.uniform(jax.random.key(0), (8, 6, 6, 3))
+    for e in (erasing.Erasing(), erasing.Erasing(prob=0.0, fill="mean")):
+        np.testing.assert_array_equal(erasing.erase_batch(jax.random.key(1), x, e, MEAN, STD), x)
+    # square boxes of 90-95% of a 4x4 image round to 4x4, which never fits (h < H fails):
+    # Algorithm 1 then leaves the example whole
+    e = erasing.Erasing(prob=1.0, min_area=0.9, max_area=0.95, min_aspect=1.0)
+    small = jax.random.uniform(jax.random.key(0), (8, 4, 4, 3))
+    np.testing.assert_array_equal(erasing.erase_batch(jax.random.key(1), small, e, MEAN, STD),
+                                  small)
+    *_, erased = erasing.erase_boxes(jax.random.key(1), 8, 4, 4, e)
+    assert not np.asarray(erased).any()
+
+
+@pytest.mark.parametrize("kwargs, pattern", [
+    ({"prob": 1.5}, r"Erasing\.prob=1\.5"),
+    ({"fill": "zero"}, r"Erasing\.fill='zero'"),
+    ({"min_area": 0.5, "max_area": 0.4}, r"area range \(0\.5, 0\.4\)"),
+    ({"min_aspect": 2.0}, r"Erasing\.min_aspect=2\.0"),
+    ({"attempts": 0}, r"Erasing\.attempts=0"),
+])
+def test_bad_erasing_settings_are_named(kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        erasing.Erasing(**kwargs)
+
+
+def test_the_train_step_erases_then_mixes_with_the_keys_of_its_seed_and_step():
+    """Erasing uses fold_in(fold_in(key(seed), step), 1), before mixup with the step's key;
+    the mixing draws are those of a run without erasing."""
+    tx = optim.make_optimizer(recipe(), optax.constant_schedule(0.1))
+    m, e = mixing.Mixing(mixup_alpha=1.0), erasing.Erasing(prob=1.0)
+    step = jax.jit(steps.make_train_step(Linear(), tx, None, MEAN, STD, mixing=m, erasing=e,
+                                         seed=7))
+    state, batch = linear_state(tx), batch_of(16)
+    state = state.replace(step=jnp.int32(5))
+    x = steps.normalize(jnp.asarray(batch["image"]), MEAN, STD)
+    key = jax.random.fold_in(jax.random.key(7), 5)
+    erased = erasing.erase_batch(jax.random.fold_in(key, 1), x, e, MEAN, STD)
+    assert not np.array_equal(erased, x)
+    mixed, targets = mixing.mix_batch(key, erased, soft_onehot(jnp.asarray(batch["label"])), m)
+    logits = Linear().apply({"params": state.trainable}, mixed)
+    want = float(jnp.mean(steps.soft_cross_entropy(logits, targets)))
+    _, metrics = step(state, batch, {})
+    assert float(metrics["loss"]) == pytest.approx(want, rel=1e-5)
 
 
 class DenseBN(nn.Module):
@@ -392,6 +530,7 @@ def test_ema_eval_recomputes_batch_stats_without_touching_the_run(tmp_path):
 
 ALL_KNOBS = {"grad_accum_steps": 2, "ema_decay": 0.9, "ema_eval": True, "label_smoothing": 0.1,
              "mixup_alpha": 0.2, "cutmix_alpha": 1.0, "grad_clip_norm": 1.0,
+             "random_erase_prob": 0.5,
              "weight_decay_exclude": "norm_and_bias",
              "lr_schedule": "warmup_cosine_decay_schedule",
              "lr_schedule_kwargs": '{"init_value": 0, "peak_value": "learning_rate", '
