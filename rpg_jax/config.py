@@ -32,6 +32,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.dataset = "fashion_mnist"  # fashion_mnist | cifar10 | cifar100 | imagenet2012 | synthetic_*
     c.data_dir = ""  # "" = the dataset's default location
     c.synthetic_size = 0  # examples of a synthetic_* dataset (0 = its default)
+    # > 0: train on all but the last N examples of the train split and evaluate on those N
+    # (a validation set for tuning; the eval/test split is not read)
+    c.holdout_examples = 0
     c.worker_count = 0  # grain worker processes for the host pipeline (0 = in-process)
     # ImageNet-style JPEG data: turbo (crop from the header, DCT-domain downscale, uint8 warp)
     # | pil (full Pillow decode, the earlier path) | dali (train on an NVIDIA GPU with DALI)
@@ -366,6 +369,9 @@ def _validate_data_and_model(config: ml_collections.ConfigDict) -> None:
     _check_positive_int("batch_size", config.batch_size)
     if config.eval_batch_size < 0:
         _fail("eval_batch_size", config.eval_batch_size, "0 (= batch_size) or a positive int")
+    holdout = config.holdout_examples
+    if isinstance(holdout, bool) or not isinstance(holdout, int) or holdout < 0:
+        _fail("holdout_examples", holdout, "a non-negative int (0 = evaluate on the eval split)")
     if config.eval_steps == 0 or config.eval_steps < -1:
         _fail("eval_steps", config.eval_steps, "-1 (the whole eval split) or >= 1")
     if config.width <= 0:

@@ -120,7 +120,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,  # noqa
     run_start = time.perf_counter()
     _check_devices(config)
     info = data.dataset_info(config.dataset, config.data_dir or None,
-                             synthetic_size=config.synthetic_size or None)
+                             synthetic_size=config.synthetic_size or None,
+                             holdout=config.holdout_examples)
     exp = experiment.build(config, info)
     os.makedirs(workdir, exist_ok=True)
 
@@ -151,14 +152,15 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,  # noqa
             config.dataset, global_batch_size=config.batch_size, seed=config.seed,
             data_dir=data_dir, process_index=pid, process_count=nproc,
             worker_count=config.worker_count, synthetic_size=synthetic_size,
-            decoder=config.image_decoder, on_corrupt=config.on_corrupt_image)
+            decoder=config.image_decoder, on_corrupt=config.on_corrupt_image,
+            holdout=config.holdout_examples)
 
     train_iter = train_stream()
     eval_batches = data.make_eval_batches(
         config.dataset, global_batch_size=config.eval_batch_size or config.batch_size,
         data_dir=data_dir, process_index=pid, process_count=nproc,
         synthetic_size=synthetic_size, decoder=config.image_decoder,
-        on_corrupt=config.on_corrupt_image)
+        on_corrupt=config.on_corrupt_image, holdout=config.holdout_examples)
 
     pending: list[dict[str, Any]] = []  # per-step train metrics since the last log record
     resumed = None

@@ -33,6 +33,7 @@ from rpg_jax.data import (
     tfds_source,
 )
 from rpg_jax.data import fashion_mnist as fm
+from rpg_jax.data.sources import SliceSource, slice_source
 
 REAL_FMNIST = Path("/usr/share/datasets/fashion-mnist")
 N_TRAIN, N_TEST = 96, 23
@@ -402,6 +403,61 @@ def test_preprocess_for_eval():
     assert out.shape == (2, 224, 224, 3) and out.dtype == np.uint8
 
 
+# ----------------------------------------------------------------------------- holdout
+
+
+def test_holdout_trains_on_the_first_examples_and_evaluates_the_last(fake_fmnist):
+    """holdout=8: train on train[:-8] (each example once per epoch), evaluate train[-8:] with
+    the eval preprocessing; the test split takes no part."""
+    info = dataset_info("fashion_mnist", fake_fmnist, holdout=8)
+    assert (info.num_train, info.num_eval) == (N_TRAIN - 8, 8)
+    assert (info.train_split, info.eval_split) == ("train[:-8]", "train[-8:]")
+    it = make_train_iterator("fashion_mnist", global_batch_size=8, seed=0, data_dir=fake_fmnist,
+                             holdout=8)
+    stream = np.concatenate([ids(b) for b in take(it, 2 * (N_TRAIN - 8) // 8)])
+    for epoch in np.split(stream, 2):
+        np.testing.assert_array_equal(np.sort(epoch), np.arange(N_TRAIN - 8))
+    batches = list(make_eval_batches("fashion_mnist", global_batch_size=3, data_dir=fake_fmnist,
+                                     holdout=8))
+    seen = np.concatenate([ids(b)[b["mask"] == 1] for b in batches])
+    np.testing.assert_array_equal(seen, np.arange(N_TRAIN - 8, N_TRAIN))
+    labels = np.concatenate([b["label"][b["mask"] == 1] for b in batches])
+    np.testing.assert_array_equal(labels, seen % 10)
+    assert all((b["image"][b["mask"] == 1] == ids(b)[b["mask"] == 1, None, None, None]).all()
+               for b in batches)  # eval preprocessing: no crop, no flip
+
+
+@pytest.mark.parametrize("holdout, pattern", [
+    (N_TRAIN, rf"holdout={N_TRAIN}: expected fewer than the {N_TRAIN} examples"),
+    (-1, r"holdout=-1: expected a non-negative int"),
+    (2.5, r"holdout=2\.5: expected a non-negative int"),
+])
+def test_bad_holdout_is_named(fake_fmnist, holdout, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        dataset_info("fashion_mnist", fake_fmnist, holdout=holdout)
+
+
+def test_slice_source_renumbers_checks_bounds_and_pickles():
+    base = SyntheticSource(20, (4, 4, 3), 10, seed=0)
+    part = slice_source(base, 5, 12)
+    assert isinstance(part, SliceSource) and len(part) == 7
+    np.testing.assert_array_equal(part[0]["image"], base[5]["image"])
+    batch = part.read_batch(np.array([6, 0]))
+    np.testing.assert_array_equal(batch["image"], base.read_batch(np.array([11, 5]))["image"])
+    with pytest.raises(IndexError):
+        part[7]
+    with pytest.raises(IndexError):
+        part.read_batch(np.array([7]))
+    with pytest.raises(ValueError, match=r"slice \[5:30\] of a source of 20"):
+        slice_source(base, 5, 30)
+    again = pickle.loads(pickle.dumps(part))
+    np.testing.assert_array_equal(again[3]["image"], part[3]["image"])
+    arrays = ArraySource(np.arange(20, dtype=np.uint8).reshape(20, 1, 1, 1), np.arange(20))
+    view = slice_source(arrays, 15, 20)
+    assert isinstance(view, ArraySource) and np.shares_memory(view.images, arrays.images)
+    assert view[0]["label"] == 15
+
+
 # ----------------------------------------------------------------------------- TFDS
 
 
@@ -467,6 +523,23 @@ def test_tfds_prepared_array_record(tmp_path):
     it = make_train_iterator("cifar10", global_batch_size=4, seed=0, data_dir=tmp_path)
     stream = np.concatenate([b["image"][:, 16, 16, 0] for b in take(it, 3)])
     np.testing.assert_array_equal(np.sort(stream), np.arange(12))
+
+
+def test_tfds_holdout_reads_only_the_train_split(tmp_path):
+    """A prepared dataset without its test split still trains and evaluates with a holdout:
+    the eval split is not opened; the held-out records keep their names in errors."""
+    _write_fake_prepared_cifar10(tmp_path, {"train": 12})
+    info = dataset_info("cifar10", tmp_path, holdout=3)
+    assert (info.num_train, info.num_eval, info.eval_split) == (9, 3, "train[-3:]")
+    batches = list(make_eval_batches("cifar10", global_batch_size=4, data_dir=tmp_path,
+                                     holdout=3))
+    np.testing.assert_array_equal(batches[0]["image"][:3, 16, 16, 0], [9, 10, 11])
+    it = make_train_iterator("cifar10", global_batch_size=3, seed=0, data_dir=tmp_path,
+                             holdout=3)
+    stream = np.concatenate([b["image"][:, 16, 16, 0] for b in take(it, 3)])
+    np.testing.assert_array_equal(np.sort(stream), np.arange(9))
+    with pytest.raises(FileNotFoundError):
+        dataset_info("cifar10", tmp_path)  # without a holdout the test split is needed
 
 
 def test_tfds_errors(tmp_path):

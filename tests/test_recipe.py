@@ -237,6 +237,7 @@ def test_an_optax_schedule_by_name_with_the_run_placeholders():
     ({"grad_clip_norm": -1.0}, r"config\.grad_clip_norm=-1\.0"),
     ({"mix_prob": 1.5}, r"config\.mix_prob=1\.5: expected a probability"),
     ({"cutmix_alpha": -1.0}, r"config\.cutmix_alpha=-1\.0"),
+    ({"holdout_examples": -5}, r"config\.holdout_examples=-5: expected a non-negative int"),
     ({"random_erase_prob": 2.0}, r"config\.random_erase_prob=2\.0: expected a probability"),
     ({"random_erase_fill": "zeros"},
      r"config\.random_erase_fill='zeros': expected one of \('random', 'mean'\)"),

@@ -262,6 +262,30 @@ def test_sharded_step_matches_single_device_update(rpg, where):
 # ------------------------------------------------------------------- end-to-end (mock TFDS)
 
 
+def test_a_holdout_run_evaluates_the_last_train_examples_and_never_trains_on_them(tmp_path):
+    """holdout_examples=64 of 256: the run's eval is the loaded model's on train examples
+    192..255 read straight from the source, and the info it saves names the slices."""
+    config = tiny_config(holdout_examples=64, num_train_steps=4, eval_every_steps=0,
+                         checkpoint_every_steps=0)
+    summary = train_and_evaluate(config, str(tmp_path))
+    assert summary["eval_count"] == 64
+    model = checkpoints.load_checkpoint(str(tmp_path))
+    assert (model.info.num_train, model.info.num_eval) == (192, 64)
+    assert (model.info.train_split, model.info.eval_split) == ("train[:-64]", "train[-64:]")
+    train_source = data.SyntheticSource(256, (32, 32, 3), 10, seed=0)
+    held = train_source.read_batch(np.arange(192, 256))
+    logits = model.predict(held["image"])
+    loss = steps.cross_entropy(jnp.asarray(logits), jnp.asarray(held["label"])).mean()
+    assert summary["eval_loss"] == pytest.approx(float(loss), rel=1e-4)
+    assert summary["eval_top1"] == pytest.approx(
+        float(np.mean(logits.argmax(-1) == held["label"])))
+    # the train stream of the run never reads the held-out examples
+    it = data.make_train_iterator("synthetic_cifar", global_batch_size=16, seed=0,
+                                  synthetic_size=256, holdout=64)
+    seen = {bytes(img) for b in itertools.islice(it, 12) for img in b["image"]}
+    assert len(seen) == 192 and not seen & {bytes(img) for img in held["image"]}
+
+
 def test_cifar10_mock_tfds_run_checkpoints_and_resume(tmp_path):
     tfds = pytest.importorskip("tensorflow_datasets")
     n_examples, batch, eval_batch = 48, 16, 32  # 3 steps per epoch; eval pads 48 -> 64

@@ -168,6 +168,7 @@ def make_dali_train_iterator(
     process_count: int = 1,
     on_corrupt: str = "error",
     num_threads: int | None = None,
+    holdout: int = 0,
 ) -> DaliTrainIterator:
     """DALI version of ``make_train_iterator`` for JPEG datasets (``imagenet2012``).
 
@@ -188,7 +189,7 @@ def make_dali_train_iterator(
     per_host = pipeline._check_sharding(global_batch_size, process_index, process_count)
     if seed < 0:
         raise ValueError(f"seed must be non-negative, got {seed}")
-    source, _ = pipeline._open_sources(name, data_dir, None, encoded=True)
+    source, _ = pipeline._open_sources(name, data_dir, None, encoded=True, holdout=holdout)
     windows = CropWindows(source, seed, per_host, process_index, process_count, 0, on_corrupt)
     device_id = jax.local_devices()[0].local_hardware_id or 0
     return DaliTrainIterator(windows, device_id, num_threads or min(8, os.cpu_count() or 1))

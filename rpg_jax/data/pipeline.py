@@ -58,6 +58,7 @@ from rpg_jax.data.info import DatasetInfo
 from rpg_jax.data.sources import (
     ArraySource,
     SyntheticSource,
+    slice_source,
     tfds_source,
     to_uint8_image,
 )
@@ -77,23 +78,43 @@ def _check_decoding(decoder: str, on_corrupt: str) -> None:
 
 
 def _open_sources(
-    name: str, data_dir: PathLike | None, synthetic_size: int | None, encoded: bool = False
+    name: str, data_dir: PathLike | None, synthetic_size: int | None, encoded: bool = False,
+    holdout: int = 0,
 ) -> tuple[Any, Any]:
     """Returns (train, eval) random-access sources; fails fast on missing data.
 
     ``encoded``: TFDS image splits are read without decoding (for the JPEG path).
+    ``holdout > 0``: the eval source is the last ``holdout`` examples of the train split and
+    the train source the ones before them (the eval split is not opened).
     """
     spec = catalog.entry(name)
     if synthetic_size is not None and spec.kind != "synthetic":
         raise ValueError(f"synthetic_size only applies to synthetic_* datasets, not {name!r}")
+    if isinstance(holdout, bool) or not isinstance(holdout, int) or holdout < 0:
+        raise ValueError(f"holdout={holdout!r}: expected a non-negative int (0 = none)")
+    train, evaluation = _open_splits(spec, name, data_dir, synthetic_size, encoded,
+                                     with_eval=holdout == 0)
+    if holdout == 0:
+        return train, evaluation
+    n = len(train)
+    if holdout >= n:
+        raise ValueError(f"holdout={holdout}: expected fewer than the {n} examples of "
+                         f"{name!r}'s train split")
+    return slice_source(train, 0, n - holdout), slice_source(train, n - holdout, n)
+
+
+def _open_splits(spec: catalog.DatasetEntry, name: str, data_dir: PathLike | None,
+                 synthetic_size: int | None, encoded: bool, with_eval: bool) -> tuple[Any, Any]:
+    """The catalog's (train, eval) splits of ``name``; eval is None unless ``with_eval``."""
     if spec.kind == "fashion_mnist":
         splits = load_fashion_mnist(data_dir)
-        return ArraySource(*splits[spec.train_split]), ArraySource(*splits[spec.eval_split])
+        return (ArraySource(*splits[spec.train_split]),
+                ArraySource(*splits[spec.eval_split]) if with_eval else None)
     if spec.kind == "tfds":
         encoded = encoded and spec.crop_pad is None  # image datasets read their bytes
         return (
             tfds_source(name, spec.train_split, data_dir, encoded=encoded),
-            tfds_source(name, spec.eval_split, data_dir, encoded=encoded),
+            tfds_source(name, spec.eval_split, data_dir, encoded=encoded) if with_eval else None,
         )
     n_train, n_eval = spec.synthetic_sizes
     if synthetic_size is not None:
@@ -107,11 +128,18 @@ def _open_sources(
 
 
 def dataset_info(
-    name: str, data_dir: PathLike | None = None, *, synthetic_size: int | None = None
+    name: str, data_dir: PathLike | None = None, *, synthetic_size: int | None = None,
+    holdout: int = 0,
 ) -> DatasetInfo:
-    """Returns :class:`DatasetInfo` for ``name``; raises early on a bad name or missing data."""
+    """Returns :class:`DatasetInfo` for ``name``; raises early on a bad name or missing data.
+
+    With ``holdout`` the splits are named as TFDS slices: ``train[:-N]`` and ``train[-N:]``.
+    """
     spec = catalog.entry(name)
-    train, evaluation = _open_sources(name, data_dir, synthetic_size)
+    train, evaluation = _open_sources(name, data_dir, synthetic_size, holdout=holdout)
+    train_split, eval_split = spec.train_split, spec.eval_split
+    if holdout:
+        train_split, eval_split = f"{train_split}[:-{holdout}]", f"{train_split}[-{holdout}:]"
     return DatasetInfo(
         name=name,
         num_classes=spec.num_classes,
@@ -120,8 +148,8 @@ def dataset_info(
         std=spec.std,
         num_train=len(train),
         num_eval=len(evaluation),
-        train_split=spec.train_split,
-        eval_split=spec.eval_split,
+        train_split=train_split,
+        eval_split=eval_split,
     )
 
 
@@ -284,6 +312,7 @@ def _train_dataset(
     synthetic_size: int | None,
     decoder: str = "turbo",
     on_corrupt: str = "error",
+    holdout: int = 0,
 ) -> grain.MapDataset:
     """Infinite map-style dataset of this host's train batches (index = host step)."""
     per_host = _check_sharding(global_batch_size, process_index, process_count)
@@ -291,7 +320,7 @@ def _train_dataset(
         raise ValueError(f"seed must be non-negative, got {seed}")
     _check_decoding(decoder, on_corrupt)
     spec = catalog.entry(name)
-    source, _ = _open_sources(name, data_dir, synthetic_size, encoded=True)
+    source, _ = _open_sources(name, data_dir, synthetic_size, encoded=True, holdout=holdout)
     if len(source) == 0:
         raise ValueError(f"{name!r} train split is empty")
     ds = train_index_batches(len(source), per_host, seed)
@@ -314,6 +343,7 @@ def make_train_iterator(
     synthetic_size: int | None = None,
     decoder: str = "turbo",
     on_corrupt: str = "error",
+    holdout: int = 0,
 ) -> grain.DatasetIterator:
     """Returns an infinite, checkpointable iterator of this host's train batches.
 
@@ -323,7 +353,8 @@ def make_train_iterator(
     ``decoder``/``on_corrupt``: see the module docstring (``"dali"`` returns the
     iterator of :func:`rpg_jax.data.dali.make_dali_train_iterator`, with batches
     on the GPU). Save/restore with ``get_state()``/``set_state()`` or orbax via
-    ``grain.checkpoint.CheckpointSave``/``CheckpointRestore``.
+    ``grain.checkpoint.CheckpointSave``/``CheckpointRestore``. ``holdout > 0`` trains on
+    all but the last ``holdout`` examples of the train split (see :func:`make_eval_batches`).
     """
     if worker_count < 0:
         raise ValueError(f"worker_count must be >= 0, got {worker_count}")
@@ -334,7 +365,7 @@ def make_train_iterator(
         return dali.make_dali_train_iterator(
             name, global_batch_size=global_batch_size, seed=seed, data_dir=data_dir,
             process_index=process_index, process_count=process_count,
-            on_corrupt=on_corrupt)
+            on_corrupt=on_corrupt, holdout=holdout)
     ds = _train_dataset(
         name,
         global_batch_size=global_batch_size,
@@ -345,6 +376,7 @@ def make_train_iterator(
         synthetic_size=synthetic_size,
         decoder=decoder,
         on_corrupt=on_corrupt,
+        holdout=holdout,
     )
     # Small images: numpy-bound, little to gain from threads beyond overlap with
     # the train step. ImageNet: JPEG decoding and resizing release the GIL.
@@ -446,6 +478,7 @@ def make_eval_batches(
     decoder: str = "turbo",
     on_corrupt: str = "error",
     worker_count: int = 0,
+    holdout: int = 0,
 ) -> EvalBatches:
     """Returns an :class:`EvalBatches` iterable (one full pass per ``iter()``).
 
@@ -453,12 +486,14 @@ def make_eval_batches(
     ``global_batch_size / process_count``; the last ones are padded (mask 0).
     ``synthetic_size`` caps the synthetic eval split (as in make_train_iterator).
     ``decoder``/``on_corrupt``/``worker_count`` as there (``"dali"`` evaluates with
-    ``"turbo"``).
+    ``"turbo"``). ``holdout > 0`` evaluates the last ``holdout`` examples of the train
+    split (with the eval preprocessing) instead of the eval split: a validation set for
+    tuning that leaves the test set unseen.
     """
     per_host = _check_sharding(global_batch_size, process_index, process_count)
     _check_decoding(decoder, on_corrupt)
     spec = catalog.entry(name)
-    _, source = _open_sources(name, data_dir, synthetic_size, encoded=True)
+    _, source = _open_sources(name, data_dir, synthetic_size, encoded=True, holdout=holdout)
     reader = None
     if spec.crop_pad is None:
         reader = _ImageReader(source, spec.image_shape[0], decoder, on_corrupt)

@@ -210,6 +210,55 @@ class TfdsSource:
         return f"TfdsSource({self.name!r}, split={self.split!r}, n={len(self)})"
 
 
+class SliceSource:
+    """Examples ``start .. stop - 1`` of another source, renumbered from 0 (a held-out
+    part of a train split, or the rest of it); picklable when the source is."""
+
+    def __init__(self, source: Any, start: int, stop: int):
+        if not 0 <= start <= stop <= len(source):
+            raise ValueError(f"slice [{start}:{stop}] of a source of {len(source)} examples")
+        self.source, self.start, self.stop = source, start, stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def _index(self, index: int) -> int:
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} examples")
+        return self.start + index
+
+    def __getitem__(self, index: int) -> Example:
+        return self.source[self._index(int(index))]
+
+    def read_batch(self, indices: np.ndarray) -> Batch:
+        indices = np.asarray(indices, dtype=np.intp)
+        if indices.size and not (0 <= indices.min() and indices.max() < len(self)):
+            raise IndexError(f"indices out of range for {len(self)} examples")
+        return self.source.read_batch(indices + self.start)
+
+    def __repr__(self) -> str:
+        return f"SliceSource({self.source!r}[{self.start}:{self.stop}])"
+
+
+class EncodedSliceSource(SliceSource):
+    """A :class:`SliceSource` of a source that reads stored bytes (``read_encoded``)."""
+
+    def read_encoded(self, index: int) -> tuple[bytes | np.ndarray, int, str]:
+        return self.source.read_encoded(self._index(int(index)))
+
+
+def slice_source(source: Any, start: int, stop: int) -> Any:
+    """Examples ``start .. stop - 1`` of ``source`` as a source of its own (an in-memory
+    source is sliced without a copy)."""
+    if isinstance(source, ArraySource):
+        if not 0 <= start <= stop <= len(source):
+            raise ValueError(f"slice [{start}:{stop}] of a source of {len(source)} examples")
+        return ArraySource(source.images[start:stop], source.labels[start:stop])
+    if hasattr(source, "read_encoded"):
+        return EncodedSliceSource(source, start, stop)
+    return SliceSource(source, start, stop)
+
+
 def check_tfds_name(name: str) -> None:
     """Raises ValueError listing the supported TFDS names when ``name`` is not one."""
     if name not in TFDS_DATASETS:

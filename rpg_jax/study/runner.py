@@ -57,12 +57,15 @@ def load_study(path: str | os.PathLike) -> Study:
 
 
 @functools.cache
-def _dataset_info(dataset: str, data_dir: str, synthetic_size: int) -> data.DatasetInfo:
-    return data.dataset_info(dataset, data_dir or None, synthetic_size=synthetic_size or None)
+def _dataset_info(dataset: str, data_dir: str, synthetic_size: int,
+                  holdout: int) -> data.DatasetInfo:
+    return data.dataset_info(dataset, data_dir or None, synthetic_size=synthetic_size or None,
+                             holdout=holdout)
 
 
 def _build(config: ml_collections.ConfigDict) -> experiment.Experiment:
-    info = _dataset_info(config.dataset, config.data_dir, config.synthetic_size)
+    info = _dataset_info(config.dataset, config.data_dir, config.synthetic_size,
+                         config.holdout_examples)
     return experiment.build(config, info)
 
 
