@@ -123,7 +123,7 @@ def _open_splits(spec: catalog.DatasetEntry, name: str, data_dir: PathLike | Non
         n_train, n_eval = synthetic_size, min(synthetic_size, n_eval)
     return (
         SyntheticSource(n_train, spec.image_shape, spec.num_classes, seed=0),
-        SyntheticSource(n_eval, spec.image_shape, spec.num_classes, seed=1),
+        SyntheticSource(n_eval, spec.image_shape, spec.num_classes, seed=1) if with_eval else None,
     )
 
 

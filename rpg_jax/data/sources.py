@@ -210,13 +210,17 @@ class TfdsSource:
         return f"TfdsSource({self.name!r}, split={self.split!r}, n={len(self)})"
 
 
+def _check_slice(source: Any, start: int, stop: int) -> None:
+    if not 0 <= start <= stop <= len(source):
+        raise ValueError(f"slice [{start}:{stop}] of a source of {len(source)} examples")
+
+
 class SliceSource:
     """Examples ``start .. stop - 1`` of another source, renumbered from 0 (a held-out
     part of a train split, or the rest of it); picklable when the source is."""
 
     def __init__(self, source: Any, start: int, stop: int):
-        if not 0 <= start <= stop <= len(source):
-            raise ValueError(f"slice [{start}:{stop}] of a source of {len(source)} examples")
+        _check_slice(source, start, stop)
         self.source, self.start, self.stop = source, start, stop
 
     def __len__(self) -> int:
@@ -251,8 +255,7 @@ def slice_source(source: Any, start: int, stop: int) -> Any:
     """Examples ``start .. stop - 1`` of ``source`` as a source of its own (an in-memory
     source is sliced without a copy)."""
     if isinstance(source, ArraySource):
-        if not 0 <= start <= stop <= len(source):
-            raise ValueError(f"slice [{start}:{stop}] of a source of {len(source)} examples")
+        _check_slice(source, start, stop)
         return ArraySource(source.images[start:stop], source.labels[start:stop])
     if hasattr(source, "read_encoded"):
         return EncodedSliceSource(source, start, stop)
