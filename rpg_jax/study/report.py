@@ -87,6 +87,11 @@ def _new_figure(ncols: int = 1):
     return fig, list(axes[0])
 
 
+def _wrapped_title(title: str, ncols: int = 1) -> str:
+    """``title`` broken into lines that fit a figure of ``ncols`` panels at font size 10."""
+    return textwrap.fill(title, 75 * ncols)
+
+
 def _table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
     """The lines of a markdown table: ``header``, its rule, then one line per row of cells."""
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
@@ -181,7 +186,7 @@ class Scaling:
         ax.set_xscale("log")
         ax.set_xlabel("trainable parameters")
         ax.set_ylabel("test top-1 error (%)")
-        ax.set_title(self.title, fontsize=10)
+        ax.set_title(_wrapped_title(self.title), fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
@@ -255,7 +260,7 @@ class Comparison(_ArmedExperiment):
                        for a in arms],
                       fontsize=8)
         ax.set_ylabel("test top-1 (%), bars: mean ± half range, dots: runs")
-        ax.set_title(self.title, fontsize=10)
+        ax.set_title(_wrapped_title(self.title), fontsize=10)
         ax.grid(True, axis="y", alpha=0.3)
         fig.tight_layout()
         return fig
@@ -320,7 +325,8 @@ class Curves(_ArmedExperiment):
             ax.grid(True, alpha=0.3)
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=8)
-        fig.suptitle(f"{self.title} (band: ± half range over seeds)", fontsize=10)
+        fig.suptitle(_wrapped_title(f"{self.title} (band: ± half range over seeds)", 2),
+                     fontsize=10)
         fig.tight_layout()
         return fig
 
