@@ -1,7 +1,8 @@
 """The default job's train step on two installed stacks (e.g. jax 0.10.2 vs the newest).
 
     python benchmarks/jax_versions.py --python .venv/bin/python \
-        --python .venv-newest/bin/python [--rounds 3] [--steps 20] [--out FILE]
+        --python .venv-newest/bin/python [--rounds 3] [--steps 20] [--loop_steps 120] \
+        [--out FILE]
 
 Versions cannot share a process, so each round runs one child process per interpreter, in
 alternating order, on the same machine. A child times the Fashion-MNIST default's step
@@ -9,6 +10,10 @@ alternating order, on the same machine. A child times the Fashion-MNIST default'
 variant) on one CPU device with a device-resident uint8 batch and reports the median step
 time. Each ratio is the median over rounds of (this stack's median / the first stack's).
 The dataset is opened for its shape, size and normalisation only (batches are random).
+With ``--loop_steps K`` a child also trains the default (RPG) for K steps through the whole
+loop (``train_and_evaluate``: input pipeline, step, logging; the set-up of
+benchmarks/train_throughput.py) and reports the summary's images/s (compile excluded); its
+ratio is this stack's images/s over the first stack's (higher is faster).
 """
 
 from __future__ import annotations
@@ -64,17 +69,36 @@ def child(steps: int) -> dict:
     return out
 
 
+def loop_child(steps: int) -> dict:
+    """images/s of the default (RPG) config through ``train_and_evaluate``, ``steps`` steps."""
+    import tempfile
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from train_throughput import _config
+
+    from rpg_jax.train import train_and_evaluate
+
+    with tempfile.TemporaryDirectory() as workdir:
+        summary = train_and_evaluate(_config("fashion_mnist_resnet20", True, steps), workdir)
+    return {"images_per_sec": summary["images_per_sec"]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--python", action="append", default=[],
                     help="an interpreter of one stack (give two or more)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--loop_steps", type=int, default=0,
+                    help="also time the whole training loop for this many steps (0: no)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args.steps)))
+        result = child(args.steps)
+        if args.loop_steps:
+            result["loop_rpg"] = loop_child(args.loop_steps)
+        print(json.dumps(result))
         return
     if len(args.python) < 2:
         ap.error(f"give at least two --python interpreters, got {args.python}")
@@ -84,7 +108,8 @@ def main() -> None:
     for r in range(args.rounds):
         order = args.python if r % 2 == 0 else args.python[::-1]
         for py in order:
-            proc = subprocess.run([py, __file__, "--child", "--steps", str(args.steps)],
+            proc = subprocess.run([py, __file__, "--child", "--steps", str(args.steps),
+                                   "--loop_steps", str(args.loop_steps)],
                                   env=env, capture_output=True, text=True, check=False)
             if proc.returncode:
                 sys.exit(f"{py} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -101,13 +126,20 @@ def main() -> None:
             entry[f"{kind}_step_time_vs_first"] = statistics.median(
                 x[kind]["median_step_ms"] / b[kind]["median_step_ms"]
                 for x, b in zip(runs[py], runs[base], strict=True))
+        if args.loop_steps:
+            entry["loop_rpg_images_per_sec"] = statistics.median(
+                x["loop_rpg"]["images_per_sec"] for x in runs[py])
+            entry["loop_rpg_images_per_sec_vs_first"] = statistics.median(
+                x["loop_rpg"]["images_per_sec"] / b["loop_rpg"]["images_per_sec"]
+                for x, b in zip(runs[py], runs[base], strict=True))
         stacks.append(entry)
     sys.path.insert(0, os.path.dirname(__file__))
     from _util import emit, machine
     m = machine()
     m.pop("jax", None)
     emit({"benchmark": "fashion_mnist default train step across stacks", "machine": m,
-          "rounds": args.rounds, "steps": args.steps, "stacks": stacks}, args.out)
+          "rounds": args.rounds, "steps": args.steps, "loop_steps": args.loop_steps,
+          "stacks": stacks}, args.out)
 
 
 if __name__ == "__main__":

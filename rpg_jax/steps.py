@@ -124,6 +124,9 @@ def make_train_step(
         metrics = {
             "loss": loss,
             "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
+            # L2 norm of the whole gradient before clipping (of the micro-batch when
+            # accumulating), as big_vision's ``l2_grads``
+            "grad_norm": optax.global_norm(grads),
         }
         if learning_rate_fn is not None:
             metrics["learning_rate"] = learning_rate_fn(state.step)

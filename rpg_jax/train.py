@@ -281,8 +281,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,  # noqa
             means = {k: float(np.mean([float(m[k]) for m in host])) for k in host[0]}
             rate = clock.steps * config.batch_size / clock.stop()
             record(step, epoch=step / exp.steps_per_epoch, train_loss=means["loss"],
-                   train_accuracy=means["accuracy"], learning_rate=means["learning_rate"],
-                   images_per_sec=rate)
+                   train_accuracy=means["accuracy"], train_grad_norm=means["grad_norm"],
+                   learning_rate=means["learning_rate"], images_per_sec=rate)
             bar.set_postfix(loss=f"{means['loss']:.3f}", acc=f"{means['accuracy']:.3f}")
             if bar.disable:  # cluster jobs: the log line carries the progress
                 wall, eta = progress.update(step)

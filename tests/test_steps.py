@@ -81,6 +81,30 @@ def test_scatter_backward_step_matches_gather_backward():
     assert not np.allclose(a.trainable["rings"]["layer1"], bank["rings"]["layer1"])
 
 
+@pytest.mark.parametrize("clip", [None, 1e-3], ids=["unclipped", "clipped"])
+def test_grad_norm_metric_is_the_norm_of_the_gradient_before_clipping(clip):
+    """With plain SGD at lr 1 the update is minus the (clipped) gradient, so the logged
+    norm equals the norm of the step taken, or exceeds it when clipping bites."""
+    model = rpg_jax.models.ResNet20(num_classes=10, width=0.25)
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)), train=False)
+    spec = rpg_jax.make_spec(variables["params"], 0.5)
+    tx = optax.sgd(1.0) if clip is None else optax.chain(optax.clip_by_global_norm(clip),
+                                                         optax.sgd(1.0))
+    bank = rpg_jax.init_bank(jax.random.key(1), spec, variables["params"])
+    state = steps.init_state(bank, variables["batch_stats"], tx)
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.integers(0, 256, (16, 8, 8, 3), dtype=np.uint8),
+             "label": rng.integers(0, 10, 16).astype(np.int32)}
+    new, metrics = jax.jit(steps.make_train_step(model, tx, spec, (0.5,) * 3, (0.25,) * 3))(
+        state, batch, rpg_jax.make_tables(spec))
+    step_norm = float(optax.global_norm(jax.tree.map(jnp.subtract, new.trainable, bank)))
+    if clip is None:
+        assert float(metrics["grad_norm"]) == pytest.approx(step_norm, rel=1e-5)
+    else:
+        assert step_norm == pytest.approx(clip, rel=1e-4)
+        assert float(metrics["grad_norm"]) > 10 * clip
+
+
 def test_reference_learning_rate_schedule():
     c = base_config()
     c.learning_rate, c.lr_schedule, c.lr_decay_epochs = 0.1, "exp_epoch", 45.0
