@@ -14,6 +14,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import struct
 
@@ -177,16 +178,28 @@ def evaluate(eval_step: Callable, state: TrainState, tables: Any, batches: Itera
     host batch on the devices (the identity on one device). Returns ``eval_loss``,
     ``eval_top1``, ``eval_top5`` (means over the unpadded examples) and ``eval_count``.
     """
-    totals = None
+    # Sums are fetched to the host one batch behind (the next eval step is already queued)
+    # and added there: eager adds of multi-process arrays are computations of their own, and
+    # on jaxlib 0.10.2 two processes have deadlocked in them (gloo), both waiting in the add.
+    totals, pending = None, None
     for batch in itertools.islice(batches, None if max_batches < 0 else max_batches):
         sums = eval_step(state, to_global(batch), tables)
-        totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
-    if totals is None:
+        if pending is not None:
+            totals = _add_sums(totals, jax.device_get(pending))
+        pending = sums
+    if pending is None:
         raise ValueError("evaluate: no eval batches")
-    totals = jax.device_get(totals)
+    totals = _add_sums(totals, jax.device_get(pending))
     n = max(float(totals["count"]), 1.0)
     return {"eval_loss": float(totals["loss"]) / n, "eval_top1": float(totals["top1"]) / n,
             "eval_top5": float(totals["top5"]) / n, "eval_count": int(totals["count"])}
+
+
+def _add_sums(totals: dict | None, sums: dict) -> dict:
+    """Adds one batch's host sums to the running totals (float64, so a long eval loses no
+    counts to float32 rounding)."""
+    sums = {k: np.asarray(v, np.float64) for k, v in sums.items()}
+    return sums if totals is None else {k: totals[k] + sums[k] for k in totals}
 
 
 def make_batch_stats_step(
