@@ -690,6 +690,41 @@ def test_cli_sigterm_saves_exits_zero_and_resumes(tmp_path, compile_cache):
     assert checkpoint_steps(workdir) == [stopped, n]
 
 
+def _distributed_tolerance(rpg: bool, step: int, key: str) -> float | None:
+    """Relative tolerance of metric ``key`` at ``step`` in test_two_process_distributed_run
+    (None: compared only for being finite)."""
+    # The two runs sum gradients in different orders (gloo vs in-process all-reduce), and the
+    # zero-padded synthetic crops make groups of tied ReLUs that can flip together, so the
+    # differences grow with training, faster with RPG (one shared ring). Measured with this
+    # config (seed 0), relative: plain <= 3e-7 in every metric up to step 6 on both stacks,
+    # then the gradient norm 4e-5 to 6.6e-4 and the step-8 eval loss 2.3e-5 (jax 0.10.2).
+    # RPG: step 1 (the initial state over the global batch) has the same loss, but its
+    # gradient norm is 9e-5 apart (2e-7 with seeds 1 and 2: a flip of tied ReLUs changes the
+    # gradient, not the loss), and step 2 has losses 5e-5 and gradient norms 1e-2 apart; an
+    # earlier run saw an eval loss 2.2% apart at step 8 (this tiny RPG net at lr 0.1 has
+    # diverged by then). In one process, 1, 2 and 4 devices agree to 1e-7. So later RPG
+    # losses are compared only for being finite.
+    if rpg:
+        if key == "train_grad_norm":
+            return 1e-3 if step == 1 else None
+        return {1: 1e-5, 2: 1e-3}.get(step)
+    if step <= 6:
+        return 1e-5
+    return 1e-2 if key == "train_grad_norm" else 1e-3
+
+
+def _assert_distributed_records_agree(got: list[dict], want: list[dict], rpg: bool) -> None:
+    for a, b in zip(got, want, strict=True):
+        for k in a:
+            rel = _distributed_tolerance(rpg, a["step"], k)
+            if rel is not None:
+                assert a[k] == pytest.approx(b[k], rel=rel, abs=1e-6), (k, a, b)
+        for k in {"learning_rate", "eval_count"} & a.keys():
+            assert a[k] == pytest.approx(b[k], rel=1e-6), (k, a, b)
+        for k in {"train_loss", "eval_loss", "train_grad_norm"} & a.keys():
+            assert math.isfinite(a[k]), (k, a)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("rpg", [True, False], ids=["rpg", "plain"])
 def test_two_process_distributed_run(rpg, tmp_path, compile_cache):
@@ -735,26 +770,7 @@ def test_two_process_distributed_run(rpg, tmp_path, compile_cache):
     got, want = records(workdir), records(ref_dir)
     for a, b in zip(got, want, strict=True):
         assert a.keys() == b.keys()
-    # The two runs sum gradients in different orders (gloo vs in-process all-reduce). The
-    # first steps agree to float32 rounding; the differences then grow with training, faster
-    # with RPG (one shared ring): measured 2e-7 relative at steps 1-2, then 1e-4 at step 3 on
-    # one CPU, and on another an eval loss 2.2% apart at step 8 (10,589 vs 10,819: this tiny
-    # RPG net at lr 0.1 has diverged by then, and the zero-padded synthetic crops make tied
-    # ReLUs that flip together); a CI run measured 5e-5 already at step 2. So RPG's step 1
-    # (the initial state's forward pass over the global batch) is compared to rounding,
-    # step 2 (after one all-reduced update) to 1e-3, later losses only for being finite.
-    exact = got if not rpg else [r for r in got if r["step"] <= 2]
-    for a, b in zip(exact, want, strict=False):
-        for k in a:
-            rel = 1e-3 if rpg and a["step"] == 2 else 1e-5
-            assert a[k] == pytest.approx(b[k], rel=rel, abs=1e-6), (a, b)
-    for a, b in zip(got, want, strict=True):  # accuracies of 16 images are too coarse here
-        for k in {"learning_rate", "eval_count"} & a.keys():
-            assert a[k] == pytest.approx(b[k], rel=1e-6), (k, a, b)
-        for k in {"train_loss", "eval_loss"} & a.keys():
-            assert math.isfinite(a[k]), (k, a)
-            if not rpg:
-                assert a[k] == pytest.approx(b[k], rel=2e-2), (k, a, b)
+    _assert_distributed_records_agree(got, want, rpg)
     if rpg:
         return
     # Rounding differences of the two collective implementations grow over 8 steps (the
